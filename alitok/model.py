@@ -1,0 +1,172 @@
+"""AliTok's autoregressive generator (ali-vilab/alitok, class ARModel), architecture only.
+
+A pre-norm decoder-only transformer over [class condition, 273 image tokens]:
+RMSNorm, attention with per-head q/k RMSNorm and rotary embeddings, SwiGLU MLP.
+State-dict keys equal the official `alitok_{b,l,xl}.bin`, so they load strictly.
+
+Sampling (CFG, SoftCFG) lives in `softcfg_patch`; this file only implements the
+`softcfg_patch.GuidedModel` protocol: `prefill` and `decode` write into a
+`StaticKVCache` through `cache.attend`.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from softcfg_patch.cache import StaticKVCache
+
+
+class RMSNorm(nn.Module):
+    """Normalised in float32 and cast back before the weight, as the reference does."""
+
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def rotary_table(head_dim: int, prefix_len: int = 17, grid_size: int = 16,
+                 base: float = 10000.0) -> torch.Tensor:
+    """(cos, sin) per dimension pair for every position, [1 + prefix_len + grid_size**2, head_dim/2, 2].
+
+    Row 0 (the class condition) is all zeros, so its q and k vanish after rotation.
+    Rows 1..prefix_len: 1-D RoPE at positions 0..prefix_len-1. Then the grid in raster
+    order: the first half of the pairs rotate with the row index, the second half with
+    the column index, both offset by prefix_len.
+    """
+    half = head_dim // 2
+    freqs_1d = 1.0 / (base ** (torch.arange(0, head_dim, 2)[:half].float() / head_dim))
+    angles_1d = torch.outer(torch.arange(prefix_len).float(), freqs_1d)
+
+    freqs_2d = 1.0 / (base ** (torch.arange(0, half, 2)[:half // 2].float() / half))
+    axis = torch.outer(torch.arange(prefix_len, prefix_len + grid_size).float(), freqs_2d)
+    angles_2d = torch.cat([axis[:, None, :].expand(-1, grid_size, -1),
+                           axis[None, :, :].expand(grid_size, -1, -1)], dim=-1).flatten(0, 1)
+
+    angles = torch.cat([angles_1d, angles_2d])
+    table = torch.stack([torch.cos(angles), torch.sin(angles)], dim=-1)
+    return torch.cat([torch.zeros(1, half, 2), table])
+
+
+def apply_rotary(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x[2i], x[2i+1]) of x [B, H, T, D] by table [T, D/2, 2], in float32."""
+    pairs = x.float().unflatten(-1, (-1, 2))
+    cos, sin = table[..., 0], table[..., 1]
+    a, b = pairs[..., 0], pairs[..., 1]
+    return torch.stack([a * cos - b * sin, b * cos + a * sin], dim=-1).flatten(-2).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, attn_drop: float = 0.0, proj_drop: float = 0.0) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=True)
+        self.q_norm = RMSNorm(self.head_dim)
+        self.k_norm = RMSNorm(self.head_dim)
+        self.proj = nn.Linear(dim, dim)
+        self.attn_drop, self.proj_drop = attn_drop, nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, cache: StaticKVCache | None,
+                layer: int) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q = apply_rotary(self.q_norm(q), rope)
+        k = apply_rotary(self.k_norm(k), rope)
+        if cache is None:  # full causal pass (training, teacher forcing)
+            dropout = self.attn_drop if self.training else 0.0
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
+        else:
+            out = cache.attend(layer, q, k, v)
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, T, C)))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, drop: float = 0.0) -> None:
+        super().__init__()
+        hidden = -(-int(8 * dim / 3) // 256) * 256  # int(8D/3) rounded up to a multiple of 256
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, num_heads: int, attn_drop: float = 0.0, drop: float = 0.0) -> None:
+        super().__init__()
+        self.norm1 = RMSNorm(dim)
+        self.attn = Attention(dim, num_heads, attn_drop, drop)
+        self.norm2 = RMSNorm(dim)
+        self.mlp = SwiGLU(dim, drop)
+
+    def forward(self, x, rope, cache=None, layer=0):
+        x = x + self.attn(self.norm1(x), rope, cache, layer)
+        return x + self.mlp(self.norm2(x))
+
+
+class ARModel(nn.Module):
+    """AliTok generator. `config` is the OmegaConf config of configs/alitok_*.yaml."""
+
+    num_prefix_positions = 1  # the class condition
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        gen, vq = config.model.generator, config.model.vq_model
+        dim, depth, heads = gen.hidden_size, gen.num_hidden_layers, gen.num_attention_heads
+        prefix_len, grid = gen.get("rope_prefix_len", 17), gen.get("rope_grid_size", 16)
+        if gen.image_seq_len != prefix_len + grid * grid:
+            raise ValueError(f"image_seq_len ({gen.image_seq_len}) must equal rope_prefix_len + "
+                             f"rope_grid_size**2 = {prefix_len} + {grid}**2 = {prefix_len + grid * grid}")
+        if dim % heads or (dim // heads) % 4:
+            raise ValueError(f"hidden_size {dim} / num_attention_heads {heads} must give a head_dim "
+                             f"divisible by 4 (2-D rotary pairs)")
+        self.vocab_size = vq.codebook_size
+        self.num_classes = gen.condition_num_classes
+        self.num_image_tokens = gen.image_seq_len
+        self.num_layers, self.num_heads, self.head_dim = depth, heads, dim // heads
+        # Embedding ids: [0, V) image tokens, V the (unused) mask token, V+1+label, then "none".
+        self.none_condition_id = self.vocab_size + 1 + self.num_classes
+
+        self.embeddings = nn.Embedding(self.vocab_size + 1 + self.num_classes + 1, dim)
+        self.tok_dropout = nn.Dropout(gen.get("tok_dropout", 0.0))
+        self.blocks = nn.ModuleList(Block(dim, heads, gen.get("attn_drop", 0.0), gen.get("dropout", 0.0))
+                                    for _ in range(depth))
+        self.norm = RMSNorm(dim)
+        self.output = nn.Linear(dim, self.vocab_size, bias=True)
+        self.register_buffer("rope", rotary_table(self.head_dim, prefix_len, grid), persistent=False)
+
+    # -- the GuidedModel protocol ------------------------------------------------------
+    def condition_ids(self, labels: torch.Tensor) -> torch.Tensor:
+        return labels + self.vocab_size + 1
+
+    def none_condition_ids(self, labels: torch.Tensor) -> torch.Tensor:
+        return torch.full_like(labels, self.none_condition_id)
+
+    def prefill(self, condition_ids: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
+        return self._run(self.embeddings(condition_ids)[:, None], self.rope[:1], cache)[:, -1]
+
+    def decode(self, tokens: torch.Tensor, step: int, cache: StaticKVCache) -> torch.Tensor:
+        # x_{step-1} sits at position `step` (position 0 is the condition).
+        return self._run(self.embeddings(tokens)[:, None], self.rope[step:step + 1], cache)[:, -1]
+
+    # -- full pass -----------------------------------------------------------------------
+    def forward(self, tokens: torch.Tensor, condition_ids: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced causal pass over [condition, tokens]: logits [B, L + 1, V].
+
+        Row r predicts token r; the last row predicts past the end.
+        """
+        ids = torch.cat([condition_ids[:, None], tokens], dim=1)
+        x = self.tok_dropout(self.embeddings(ids))
+        return self._run(x, self.rope[:ids.shape[1]], None)
+
+    def _run(self, x: torch.Tensor, rope: torch.Tensor, cache: StaticKVCache | None) -> torch.Tensor:
+        for layer, block in enumerate(self.blocks):
+            x = block(x, rope, cache, layer)
+        return self.output(self.norm(x))

@@ -1,0 +1,101 @@
+"""Guidance settings and the guidance-scale schedule.
+
+`Guidance` carries every knob of the method (SPEC section 1). The defaults are the
+semantics of the authors' released code, which produced the paper's FIDs; the
+paper-text reading is one option away (`softcfg_confidence="max"`,
+`softcfg_align="token"`).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+
+CONFIDENCES = ("sampled", "max")
+ALIGNMENTS = ("source", "token")
+TARGETS = ("v", "k", "kv")
+
+
+@dataclass(frozen=True)
+class Guidance:
+    """Everything that decides how one guided sample is drawn.
+
+    guidance_scale:        gamma; 0 switches guidance off (one conditional branch).
+    guidance_scale_pow:    k of the cosine schedule; 0 gives a constant scale gamma.
+    randomize_temperature: softmax temperature applied to the guided logits.
+    softcfg_strength:      alpha; 0 is plain CFG, bit for bit.
+    step_norm:             Step Normalization (bounds the removed mass to ~one token).
+    softcfg_confidence:    "sampled" (released code) or "max" (paper text).
+    softcfg_align:         "source" (released code) or "token" (paper text).
+    softcfg_min_weight:    floor of the step-normalised multipliers.
+    softcfg_target:        which cache tensor the multipliers scale: "v", "k" or "kv".
+    """
+
+    guidance_scale: float = 3.0
+    guidance_scale_pow: float = 1.0
+    randomize_temperature: float = 1.0
+    softcfg_strength: float = 0.0
+    step_norm: bool = True
+    softcfg_confidence: str = "sampled"
+    softcfg_align: str = "source"
+    softcfg_min_weight: float = 0.05
+    softcfg_target: str = "v"
+
+    def __post_init__(self) -> None:
+        _check_number("guidance_scale", self.guidance_scale, low=0.0)
+        _check_number("guidance_scale_pow", self.guidance_scale_pow, low=0.0)
+        _check_number("randomize_temperature", self.randomize_temperature, low=0.0, strict=True)
+        _check_number("softcfg_strength", self.softcfg_strength, low=0.0)
+        _check_number("softcfg_min_weight", self.softcfg_min_weight, low=0.0, high=1.0)
+        if not isinstance(self.step_norm, bool):
+            raise ValueError(f"step_norm must be True or False, got {self.step_norm!r}")
+        _check_choice("softcfg_confidence", self.softcfg_confidence, CONFIDENCES)
+        _check_choice("softcfg_align", self.softcfg_align, ALIGNMENTS)
+        _check_choice("softcfg_target", self.softcfg_target, TARGETS)
+
+    @property
+    def uses_cfg(self) -> bool:
+        """Upstream runs the doubled [cond; uncond] batch for every scale except 0."""
+        return self.guidance_scale != 0
+
+    @property
+    def uses_softcfg(self) -> bool:
+        return self.uses_cfg and self.softcfg_strength > 0
+
+    @classmethod
+    def from_config(cls, cfg) -> "Guidance":
+        """Build from any mapping (dict, OmegaConf node) holding some of the field names."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: cfg[k] for k in names if k in cfg})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _check_number(name: str, value, low: float, high: float = math.inf, strict: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    too_low = value <= low if strict else value < low
+    if too_low or value > high:
+        bound = f"> {low}" if strict else f">= {low}"
+        if high != math.inf:
+            bound += f" and <= {high}"
+        raise ValueError(f"{name} must be {bound}, got {value!r}")
+
+
+def _check_choice(name: str, value, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+
+
+def guidance_schedule(step: int, num_steps: int, scale: float, power: float,
+                      device: torch.device | str = "cpu") -> torch.Tensor:
+    """s_t = 1 + (gamma - 1) * (1 - cos(pi * (t / N) ** k)) / 2, as a float32 tensor of shape (1,).
+
+    Computed in the upstream order (a Python float raised to a float32 tensor power)
+    so the scale is the same float32 value the reference used.
+    """
+    power_t = torch.full((1,), float(power), device=device)
+    ramp = (1 - torch.cos(((step / num_steps) ** power_t) * torch.pi)) * 1 / 2
+    return (scale - 1) * ramp + 1
