@@ -9,6 +9,10 @@ from pathlib import Path
 
 import torch
 
+class CheckpointError(ValueError):
+    """A checkpoint file that exists but cannot be used; the message says why and what to do."""
+
+
 # Wrappers some training scripts put around the state dict.
 _WRAPPER_KEYS = ("state_dict", "model", "module", "generator", "ema")
 
@@ -31,7 +35,7 @@ def read_state_dict(path: str | Path, *, what: str, source: str) -> dict[str, to
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # corrupt, truncated, or not a tensor checkpoint at all
-        raise ValueError(
+        raise CheckpointError(
             f"could not read {what} checkpoint '{path}' ({type(err).__name__}: {err}). The file is "
             f"truncated, corrupt or not a PyTorch/safetensors checkpoint; download it again from "
             f"{source}.") from err
@@ -45,7 +49,7 @@ def _unwrap(state, path: Path, what: str) -> dict[str, torch.Tensor]:
             break
         state = inner
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-        raise ValueError(f"'{path}' does not hold a {what} state dict (found {type(state).__name__})")
+        raise CheckpointError(f"'{path}' does not hold a {what} state dict (found {type(state).__name__})")
     if all(k.startswith("module.") for k in state):  # saved from DistributedDataParallel
         state = {k[len("module."):]: v for k, v in state.items()}
     return state
@@ -77,4 +81,4 @@ def check_state_dict(module: torch.nn.Module, state: dict, *, path, what: str, s
             lines.append(f"  {title}: {shown}")
     lines.append(f"Check that the config matches the checkpoint (model size), or get the official "
                  f"file from {source}.")
-    raise ValueError("\n".join(lines))
+    raise CheckpointError("\n".join(lines))

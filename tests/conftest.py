@@ -1,0 +1,31 @@
+"""Shared test helpers: paths to the golden fixtures and the tiny AliTok generator."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "tests" / "fixtures"
+sys.path.insert(0, str(ROOT))
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tiny_alitok():
+    """The golden tiny AliTok AR model (hidden 64, 2 layers, V=64), eval mode."""
+    from omegaconf import OmegaConf
+    from safetensors.torch import load_file
+
+    from alitok.model import ARModel
+    model = ARModel(OmegaConf.load(FIXTURES / "alitok_ar_tiny_config.yaml")).eval()
+    model.load_state_dict(load_file(FIXTURES / "alitok_ar_tiny_weights.safetensors"), strict=True)
+    return model
+
+
+def load_golden(name: str) -> dict:
+    from safetensors.torch import load_file
+    return load_file(FIXTURES / name)
