@@ -203,7 +203,6 @@ def setup_runtime(config: DictConfig) -> tuple[int, int, torch.device]:
     tf32 = config.sample.precision in ("tf32", "bf16")
     torch.backends.cuda.matmul.allow_tf32 = tf32
     torch.backends.cudnn.allow_tf32 = tf32
-    torch.set_grad_enabled(False)
     return rank, world, device
 
 
@@ -333,7 +332,7 @@ def run_sampling(config: DictConfig, build_generator: GeneratorBuilder,
         if want_tokens:
             save_tokens(token_path(out, k), tokens.cpu().numpy().astype(np.int32))
         if want_png:
-            with autocast:
+            with autocast, torch.no_grad():
                 images = decode(tokens)
             images = images.cpu().numpy() if torch.is_tensor(images) else images
             for i, image in zip(plan[k], images):
