@@ -14,7 +14,7 @@ class CheckpointError(ValueError):
 
 
 # Wrappers some training scripts put around the state dict.
-_WRAPPER_KEYS = ("state_dict", "model", "module", "generator", "ema")
+_WRAPPER_KEYS = ("state_dict", "model", "model_state", "module", "generator", "ema")
 
 
 def read_state_dict(path: str | Path, *, what: str, source: str) -> dict[str, torch.Tensor]:
