@@ -36,6 +36,9 @@ class StaticKVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.max_len = max_len
         self.pos = 0
+        # Per-sequence values a model computes in prefill() and reuses in decode()
+        # (e.g. RAR's class embedding for adaLN). Models own the keys.
+        self.state: dict = {}
         self.scale = 1.0 / math.sqrt(head_dim)
         # SoftCFG state: multipliers per (row, position); None means "all ones".
         self.weights: torch.Tensor | None = None

@@ -152,7 +152,7 @@ def _coerce(key: str, value, old, raw: str):
             if not value.is_integer():
                 raise ConfigError(f"option '{key}' takes a whole number, got {raw!r}")
             return int(value)
-        return value
+        return float(value) if isinstance(old, float) else value
     if isinstance(old, str):
         return raw
     return value

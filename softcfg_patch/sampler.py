@@ -15,6 +15,8 @@ from the same loop. A model only describes its architecture:
     decode(tokens, step, cache) -> [rows, V]      feeds x_{step-1}, logits predicting x_step
 
 Models route every attention through `cache.attend(...)`; they never see guidance.
+A model that needs per-sequence values at every step (RAR's adaLN class embedding)
+keeps them in `cache.state` from prefill() to decode().
 The batch is [conditional rows; unconditional rows] and the sampler owns the
 bookkeeping: schedule, guided logits, temperature, sampling, confidences, multipliers.
 """

@@ -181,3 +181,27 @@ def test_npz_streaming_writer_is_readable_by_numpy(tmp_path):
     with np.load(path) as npz:
         assert np.array_equal(npz["arr_0"], images)
     assert not list(tmp_path.glob(".*tmp"))
+
+
+def test_rar_sampler_end_to_end_under_torchrun(tmp_path):
+    """rar/sample_imagenet.py: same CLI and machinery; 2 processes, tiny RAR + tiny VQGAN."""
+    from omegaconf import OmegaConf
+    from safetensors.torch import load_file
+
+    from rar.model import RAR
+    out = tmp_path / "rar"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+           str(ROOT / "rar" / "sample_imagenet.py"), "config=tests/configs/rar_tiny.yaml",
+           f"experiment.output_dir={out}", "sample.num_fid_samples=3", "sample.save_tokens=True",
+           "model.generator.softcfg_strength=1"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    images, tokens, labels = read_outputs(out)
+    assert images.shape == (3, 256, 256, 3) and images.dtype == np.uint8 and list(labels) == [0, 1, 2]
+    assert len(list(out.glob("*.png"))) == 3
+    model = RAR(OmegaConf.load(ROOT / "tests/configs/rar_tiny.yaml")).eval()
+    model.load_state_dict(load_file(ROOT / "tests/fixtures/rar_tiny_weights.safetensors"))
+    g = sp.Guidance(guidance_scale=3.0, guidance_scale_pow=1.0, softcfg_strength=1.0)
+    gen = torch.Generator().manual_seed(imagenet.batch_seed(0, 1))  # batch 1 ran on rank 1
+    assert np.array_equal(tokens[2:], sp.generate(model, torch.tensor([2]), g, generator=gen).numpy())
