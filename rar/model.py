@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from softcfg_patch.cache import StaticKVCache
+from softcfg_patch.cache import StaticKVCache, causal_attention
 
 LN_EPS = 1e-6
 PREFIX = 2  # cls + class condition, the positions before x_0
@@ -41,11 +41,7 @@ class Attention(nn.Module):
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = self.q_norm(q), self.k_norm(k)
-        if cache is None:  # full causal pass (training, teacher forcing)
-            dropout = self.attn_drop if self.training else 0.0
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
-        else:
-            out = cache.attend(layer, q, k, v)
+        out = causal_attention(q, k, v, cache, layer, self.attn_drop if self.training else 0.0)
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, T, C)))
 
 

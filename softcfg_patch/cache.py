@@ -88,3 +88,12 @@ class StaticKVCache:
         if self.scale_v:
             probs = probs * weights
         return probs.to(values.dtype) @ values
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: StaticKVCache | None,
+                     layer: int, dropout_p: float = 0.0) -> torch.Tensor:
+    """The attention every model layer calls: through the cache when decoding, else a
+    plain causal pass over the whole sequence (training, teacher forcing)."""
+    if cache is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
+    return cache.attend(layer, q, k, v)
