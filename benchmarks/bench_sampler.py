@@ -88,12 +88,13 @@ def main() -> None:
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
     times = {name: [] for name in runners}
     with torch.no_grad(), autocast:
-        for fn in runners.values():  # warm-up
-            fn()
+        for name, fn in runners.items():  # warm-up
+            print(f"  warm-up: {name} {timed(fn, device):.3f} s", flush=True)
         for r in range(args.repeats):
             order = list(runners) if r % 2 == 0 else list(reversed(runners))
             for name in order:
                 times[name].append(timed(runners[name], device))
+                print(f"  repeat {r}: {name} {times[name][-1]:.3f} s", flush=True)
 
     print(f"{args.model}, batch {args.batch_size} (x2 rows with CFG), {model.num_image_tokens} steps, "
           f"{args.device}, {args.precision}, {args.repeats} repeats")
