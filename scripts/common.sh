@@ -1,0 +1,38 @@
+# Shared by the table scripts (source it). Knobs come from the environment:
+#   SMOKE=1     tiny golden models, 4 samples, random Inception: a CI run, NOT real numbers
+#   SEEDS       "0" (default) or e.g. "0 1 2": each setting once per seed, tables show mean ± std
+#   RESULTS     results/ (SMOKE: results_smoke/)       NUM_SAMPLES  50000 (SMOKE: 4)
+#   NPROC       processes per run (>1: python -m torch.distributed.run)
+#   WEIGHTS     checkpoint folder (weights/)           REF  reference npz (WEIGHTS/VIRTUAL_imagenet256_labeled.npz)
+#   INCEPTION   FID Inception weights (default: the evaluator's search)
+#   BATCH, DEVICE, WANDB=1, DELETE_SAMPLES=1, PYTHON  see scripts/run_setting.py --help
+set -euo pipefail
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PYTHON="${PYTHON:-python}"
+SEEDS="${SEEDS:-0}"
+if [[ "${SMOKE:-0}" == 1 ]]; then RESULTS="${RESULTS:-results_smoke}"; else RESULTS="${RESULTS:-results}"; fi
+export RESULTS  # run_setting.py reads the other knobs from the environment itself
+ORDER=0
+[[ "$SEEDS" =~ ^[[:space:]]*[0-9]+([[:space:]]+[0-9]+)*[[:space:]]*$ ]] || {
+  echo "SEEDS must be whole numbers separated by spaces, e.g. SEEDS=\"0 1 2\"; got '$SEEDS'" >&2; exit 2; }
+
+# setting TABLE MODEL METHOD [run_setting.py options]: sample + evaluate + row, once per seed.
+setting() {
+  local table=$1 model=$2 method=$3 seed
+  shift 3
+  ORDER=$((ORDER + 1))  # rows keep the order in which the script lists its settings
+  for seed in $SEEDS; do
+    "$PYTHON" "$REPO/scripts/run_setting.py" --table "$table" --model "$model" --method "$method" \
+      --order "$ORDER" --seed "$seed" "$@"
+  done
+}
+
+# collect TABLE: RESULTS/TABLE/results.md and results.csv from the rows.
+collect() {
+  "$PYTHON" "$REPO/scripts/collect_results.py" "$RESULTS/$1"
+}
+
+usage_error() {
+  echo "$1" >&2
+  exit 2
+}

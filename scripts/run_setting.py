@@ -1,0 +1,500 @@
+#!/usr/bin/env python
+"""Sample, evaluate and record ONE guidance setting: the workhorse behind scripts/*.sh.
+
+    python scripts/run_setting.py --table table1_alitok --model alitok_xl --method SoftCFG \
+        --guidance-scale 9 --guidance-scale-pow 1.5 --softcfg-strength 1 --seed 0
+
+1. sample NUM_SAMPLES images with alitok/ or rar/sample_imagenet.py (torch.distributed.run
+   when NPROC > 1) into RESULTS/samples/<run>/ and RESULTS/samples/<run>.npz;
+2. evaluate that npz against REF with evaluations/evaluator.py;
+3. write the row RESULTS/<table>/rows/<run>.json (atomically, last).
+
+<run> is derived from the model, every guidance setting, the seed, the number of samples and
+the batch size, so tables that share a setting share its samples and its evaluation.
+Rerunning is cheap and safe: an existing row is skipped, a complete npz is not resampled, an
+interrupted sampling resumes, a finished evaluation is reused.
+
+SMOKE=1 swaps in the tiny golden models (tests/configs/*_tiny.yaml), 4 samples, a random
+reference batch and a seeded *randomly initialised* Inception network on CPU, so every table
+script runs end to end in CI. Its numbers are meaningless and every output says so.
+
+Every option falls back to an environment variable (see --help), which is how the shell
+scripts configure it.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+import zipfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+from omegaconf import OmegaConf
+
+REPO = Path(__file__).resolve().parents[1]
+MODELS = ("alitok_b", "alitok_l", "alitok_xl", "rar_b", "rar_l", "rar_xl", "rar_xxl")
+
+# Mirrors softcfg_patch.Guidance's defaults (tests/test_scripts.py checks they agree). Kept
+# here so that skipping a finished row does not pay for importing torch.
+GUIDANCE_DEFAULTS = {
+    "guidance_scale": 3.0, "guidance_scale_pow": 1.0, "randomize_temperature": 1.0,
+    "softcfg_strength": 0.0, "step_norm": True, "softcfg_confidence": "sampled",
+    "softcfg_align": "source", "softcfg_min_weight": 0.05, "softcfg_target": "v",
+}
+SMOKE_LABEL = "SMOKE: tiny golden model, random reference, random Inception - NOT a real FID"
+SMOKE_REF_IMAGES = 8       # >= 4: the evaluator's k=3 precision/recall needs k + 1 images
+SMOKE_INCEPTION_SEED = 1234  # the recipe of tests/fixtures/inception/README.md section 2
+
+# What to download when a file is missing (the README's Checkpoints table).
+WHERE = {
+    "alitok": "Google Drive folder linked from github.com/ali-vilab/alitok (README 'Download Trained Models')",
+    "AliTok.pth": "same Google Drive folder as the AliTok generators (github.com/ali-vilab/alitok)",
+    "rar": "Hugging Face yucornetto/RAR (see bytedance/1d-tokenizer README_RAR.md)",
+    "maskgit-vqgan-imagenet-f16-256.bin": "Hugging Face fun-research/TiTok",
+    "reference": "VIRTUAL_imagenet256_labeled.npz from openai/guided-diffusion's evaluations/README.md "
+                 "(ImageNet 256x256 reference batch)",
+}
+
+
+class SettingError(Exception):
+    """Bad input or a missing file; the message says how to fix it."""
+
+
+# ----------------------------------------------------------------------------- options
+def env(name: str, default: Optional[str] = None) -> Optional[str]:
+    value = os.environ.get(name, "")
+    return value if value != "" else default
+
+
+def env_flag(name: str) -> bool:
+    return env(name, "0").lower() in ("1", "true", "yes", "on")
+
+
+def parse_bool(text: str) -> bool:
+    low = text.lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description="Sample, evaluate and record one guidance setting (see the module docstring).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--table", required=True, help="rows go to RESULTS/<table>/rows/")
+    p.add_argument("--model", required=True, choices=MODELS)
+    p.add_argument("--method", required=True, help="label shown in the table, e.g. CFG or SoftCFG")
+    p.add_argument("--order", type=int, default=0, help="position of the setting in its table")
+    p.add_argument("--seed", type=int, default=0, help="sample.seed of the sampler")
+    g = p.add_argument_group("guidance (default: the model config's value)")
+    for name in ("guidance_scale", "guidance_scale_pow", "randomize_temperature",
+                 "softcfg_strength", "softcfg_min_weight"):
+        g.add_argument("--" + name.replace("_", "-"), type=float, default=None)
+    g.add_argument("--step-norm", type=parse_bool, default=None, help="true or false")
+    g.add_argument("--softcfg-confidence", choices=("sampled", "max"), default=None)
+    g.add_argument("--softcfg-align", choices=("source", "token"), default=None)
+    g.add_argument("--softcfg-target", choices=("v", "k", "kv"), default=None)
+    e = p.add_argument_group("run (default: environment variable in brackets)")
+    e.add_argument("--smoke", action="store_true", default=env_flag("SMOKE"), help="[SMOKE=1]")
+    e.add_argument("--num-samples", type=int, default=env("NUM_SAMPLES"), help="[NUM_SAMPLES] 50000; SMOKE 4")
+    e.add_argument("--batch", type=int, default=env("BATCH"),
+                   help="[BATCH] sample.per_proc_batch_size; default the config's (SMOKE 4)")
+    e.add_argument("--nproc", type=int, default=env("NPROC", "1"), help="[NPROC] processes per run")
+    e.add_argument("--weights", default=env("WEIGHTS", "weights"), help="[WEIGHTS] checkpoint folder")
+    e.add_argument("--ref", default=env("REF"),
+                   help="[REF] reference npz; default WEIGHTS/VIRTUAL_imagenet256_labeled.npz "
+                        "(SMOKE: a random one made under RESULTS/smoke/)")
+    e.add_argument("--results", default=env("RESULTS"), help="[RESULTS] results/ (SMOKE: results_smoke/)")
+    e.add_argument("--inception-weights", default=env("INCEPTION"),
+                   help="[INCEPTION] FID Inception weights; default: the evaluator's own search "
+                        "(SMOKE: a seeded random network)")
+    e.add_argument("--evaluator", default=env("EVALUATOR", str(REPO / "evaluations" / "evaluator.py")),
+                   help="[EVALUATOR] evaluator script (same CLI as evaluations/evaluator.py)")
+    e.add_argument("--device", default=env("DEVICE", "auto"), help="[DEVICE] auto, cpu or cuda")
+    e.add_argument("--wandb", action="store_true", default=env_flag("WANDB"), help="[WANDB=1] log to W&B")
+    e.add_argument("--delete-samples", action="store_true", default=env_flag("DELETE_SAMPLES"),
+                   help="[DELETE_SAMPLES=1] delete the PNGs and npz once the row is written (saves ~10 GB/run)")
+    args = p.parse_args(argv)
+    args.num_samples = int(args.num_samples or (4 if args.smoke else 50000))
+    args.results = Path(args.results or ("results_smoke" if args.smoke else "results")).resolve()
+    if args.num_samples < 4:
+        p.error(f"--num-samples/NUM_SAMPLES must be >= 4 (the evaluator's k=3 precision/recall "
+                f"needs 4 images), got {args.num_samples}")
+    if args.nproc < 1 or (args.batch is not None and int(args.batch) < 1):
+        p.error("--nproc/NPROC and --batch/BATCH must be positive whole numbers")
+    return args
+
+
+# ----------------------------------------------------------------------------- settings
+def family(model: str) -> str:
+    return model.split("_")[0]
+
+
+def config_path(model: str, smoke: bool) -> Path:
+    if smoke:  # the golden tiny generator + tokenizer of the same family
+        return REPO / "tests" / "configs" / f"{family(model)}_tiny.yaml"
+    return REPO / "configs" / f"{model}.yaml"
+
+
+def effective_guidance(config, args: argparse.Namespace) -> dict:
+    """Every guidance setting the sampler will use: defaults < config < command line."""
+    gen = config.model.generator
+    out = {k: gen.get(k, v) for k, v in GUIDANCE_DEFAULTS.items()}
+    for key in out:
+        if getattr(args, key) is not None:
+            out[key] = getattr(args, key)
+    return {k: (float(v) if isinstance(GUIDANCE_DEFAULTS[k], float) else v) for k, v in out.items()}
+
+
+def method_kind(guidance: dict) -> str:
+    if guidance["guidance_scale"] == 0:
+        return "noguidance"  # one unguided branch
+    return "softcfg" if guidance["softcfg_strength"] > 0 else "cfg"
+
+
+def run_name(model: str, smoke: bool, guidance: dict, seed: int, num: int, batch: int) -> str:
+    """Readable and unique: everything that changes the images is in the digest."""
+    images_depend_on = dict(guidance)
+    if method_kind(guidance) != "softcfg":  # SoftCFG options cannot change a CFG sample: share it
+        for key in ("softcfg_strength", "step_norm", "softcfg_confidence", "softcfg_align",
+                    "softcfg_min_weight", "softcfg_target"):
+            images_depend_on.pop(key)
+    if method_kind(guidance) == "noguidance":  # one branch: the schedule is never used
+        images_depend_on.pop("guidance_scale_pow")
+    key = json.dumps({"model": model, "smoke": smoke, "guidance": images_depend_on, "seed": seed,
+                      "num_samples": num, "per_proc_batch_size": batch}, sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:10]
+    return f"{'smoke_' if smoke else ''}{model}_{method_kind(guidance)}_seed{seed}_n{num}_{digest}"
+
+
+def checkpoints(config, args: argparse.Namespace) -> dict:
+    """{sampler option: absolute path} of the generator and its tokenizer."""
+    if args.smoke:  # paths of the tiny config, relative to the repository root
+        keys = ["experiment.generator_checkpoint",
+                "experiment.tokenizer_checkpoint" if family(args.model) == "alitok"
+                else "model.vq_model.pretrained_tokenizer_weight"]
+        return {k: (REPO / OmegaConf.select(config, k)).resolve() for k in keys}
+    w = Path(args.weights).resolve()
+    if family(args.model) == "alitok":
+        return {"experiment.generator_checkpoint": w / f"{args.model}.bin",
+                "experiment.tokenizer_checkpoint": w / "AliTok.pth"}
+    return {"experiment.generator_checkpoint": w / f"{args.model}.bin",
+            "model.vq_model.pretrained_tokenizer_weight": w / "maskgit-vqgan-imagenet-f16-256.bin"}
+
+
+def check_files(ckpts: dict, ref: Path, args: argparse.Namespace) -> None:
+    """Fail before hours of sampling if anything the run needs is missing."""
+    missing = []
+    for path in ckpts.values():
+        if not path.is_file():
+            source = WHERE.get(path.name) or WHERE[family(args.model)]
+            missing.append(f"  {path}  <- {source}")
+    if not ref.is_file():
+        missing.append(f"  {ref}  <- {WHERE['reference']}")
+    if args.inception_weights and not Path(args.inception_weights).is_file():
+        missing.append(f"  {args.inception_weights}  <- pt_inception-2015-12-05-6726825d.pth (pytorch-fid "
+                       f"release 'fid_weights'); or unset INCEPTION to use the evaluator's search")
+    if missing:
+        raise SettingError("missing files (nothing is downloaded automatically); put them in WEIGHTS="
+                           f"{args.weights} or point WEIGHTS / REF elsewhere:\n" + "\n".join(missing))
+    if not Path(args.evaluator).is_file():
+        raise SettingError(f"evaluator not found: {args.evaluator} (set EVALUATOR=path/to/evaluator.py)")
+    if args.wandb:
+        try:
+            import wandb  # noqa: F401
+        except ImportError as err:
+            raise SettingError("WANDB=1 but wandb is not installed: pip install wandb") from err
+    if args.inception_weights is None and not args.smoke:
+        sys.path.insert(0, str(REPO))
+        from evaluations.inception import find_weights  # the evaluator's own search, no download
+        find_weights(None)  # raises FileNotFoundError with download instructions
+
+
+# ----------------------------------------------------------------------------- smoke inputs
+def atomic_write(path: Path, write) -> None:
+    """write(tmp) then rename: a reader never sees a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_json(path: Path, data: dict) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n"))
+
+
+def smoke_reference(path: Path) -> Path:
+    """Random uint8 images from a fixed seed: an ImageNet stand-in no one can mistake for one."""
+    if not path.is_file():
+        images = np.random.default_rng(0).integers(0, 256, (SMOKE_REF_IMAGES, 256, 256, 3), dtype=np.uint8)
+        atomic_write(path, lambda tmp: np.savez(open(tmp, "wb"), images))
+    return path
+
+
+def smoke_inception(path: Path) -> Path:
+    """A seeded random FID Inception network (recipe: tests/fixtures/inception/README.md section 2).
+
+    He-normal convs keep activations well scaled, so the metrics are finite but meaningless.
+    """
+    if path.is_file():
+        return path
+    import math
+
+    import torch
+    from safetensors.torch import save_file
+    sys.path.insert(0, str(REPO))
+    from evaluations.inception import FIDInception
+    shapes = {k: v.shape for k, v in FIDInception(weights=None).state_dict().items()
+              if not k.endswith("num_batches_tracked")}  # the loader fills the BN counters in
+    gen, state = torch.Generator().manual_seed(SMOKE_INCEPTION_SEED), {}
+    for key in sorted(shapes):
+        shape = shapes[key]
+        if key.endswith("bn.running_var"):
+            r = torch.rand(shape, generator=gen, dtype=torch.float64) + 0.5
+        else:
+            r = torch.randn(shape, generator=gen, dtype=torch.float64)
+            if key.endswith("conv.weight"):
+                r = r * math.sqrt(2.0 / (shape[1] * shape[2] * shape[3]))
+            elif key == "fc.weight":
+                r = r * math.sqrt(1.0 / 2048)
+            elif key.endswith("bn.weight"):
+                r = r * 0.1 + 1.0
+            else:
+                r = r * 0.1
+        state[key] = r.to(torch.float32)
+    atomic_write(path, lambda tmp: save_file(state, str(tmp)))
+    return path
+
+
+# ----------------------------------------------------------------------------- steps
+def git_commit() -> str:
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return head + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+
+
+def files_sha256(paths: list) -> str:
+    h = hashlib.sha256()
+    for path in sorted(paths):
+        h.update(Path(path).name.encode() + b"\0" + Path(path).read_bytes())
+    return h.hexdigest()
+
+
+def npz_count(path: Path) -> int:
+    """Number of images in an ADM npz, from the arr_0 header only (0 if absent or unreadable)."""
+    try:
+        with zipfile.ZipFile(path) as zf, zf.open("arr_0.npy") as f:
+            version = np.lib.format.read_magic(f)
+            shape, _, _ = (np.lib.format.read_array_header_1_0(f) if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0(f))
+        return int(shape[0])
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        return 0
+
+
+def run_command(cmd: list, what: str, extra_env: dict) -> float:
+    print("+ " + " ".join(map(str, cmd)), flush=True)
+    start = time.time()
+    code = subprocess.run(list(map(str, cmd)), cwd=REPO, env={**os.environ, **extra_env}).returncode
+    if code != 0:
+        raise SettingError(f"{what} failed with exit status {code} (its message is above); fix it "
+                           f"and rerun the same command: finished work is kept")
+    return time.time() - start
+
+
+def sample(args, config_file: Path, ckpts: dict, guidance: dict, batch: int, out: Path, run: str,
+           child_env: dict) -> dict:
+    """Sample into out/ and out.npz unless a complete npz exists; returns timing info."""
+    npz, meta_path = Path(f"{out}.npz"), Path(f"{out}.sampling.json")
+    if npz_count(npz) == args.num_samples and meta_path.is_file():
+        print(f"samples: reusing {npz}", flush=True)
+        return {**json.loads(meta_path.read_text()), "reused": True}
+    script = REPO / family(args.model) / "sample_imagenet.py"
+    launcher = [sys.executable]
+    if args.nproc > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}"]
+    cmd = launcher + [script, "--config", config_file, f"--experiment.output_dir={out}"]
+    cmd += [f"--{key}={path}" for key, path in ckpts.items()]
+    cmd += [f"--model.generator.{k}={v}" for k, v in guidance.items()]
+    cmd += [f"--sample.num_fid_samples={args.num_samples}", f"--sample.seed={args.seed}",
+            f"--sample.per_proc_batch_size={batch}"]
+    if args.device != "auto":
+        cmd += [f"--sample.device={args.device}"]
+    if args.wandb:
+        cmd += ["--wandb.enabled=True", f"--wandb.name={run}"]
+    wall = run_command(cmd, "sampling", child_env)
+    meta = {"wall_s": round(wall, 2), "command": " ".join(map(str, cmd))}
+    write_json(meta_path, meta)
+    return {**meta, "reused": False}
+
+
+def eval_cache_path(out: Path, ref: Path, inception: Optional[Path], evaluator: str) -> Path:
+    """Where the evaluation of out.npz against this reference and Inception network is kept."""
+    key = hashlib.sha256(f"{ref}|{ref.stat().st_size}|{inception}|{evaluator}".encode()).hexdigest()
+    return Path(f"{out}.eval-{key[:10]}.json")
+
+
+def evaluate(args, npz: Path, ref: Path, inception: Optional[Path], cache: Path, child_env: dict) -> dict:
+    """Run the evaluator; its json (metrics + settings) plus timing is kept in `cache`."""
+    out_json = cache.with_name(f".{cache.name}.evaluator.{os.getpid()}.json")
+    cmd = [sys.executable, args.evaluator, ref, npz, "--json", out_json]
+    if inception is not None:
+        cmd += ["--inception-weights", inception]
+    if args.device != "auto":
+        cmd += ["--device", args.device]
+    if args.smoke:  # same trace as sqrtm to ~1e-9 (evaluator --help), 6x faster on a CPU
+        cmd += ["--fid-method", "eigh"]
+    try:
+        wall = run_command(cmd, "evaluation", child_env)
+        result = json.loads(out_json.read_text())
+    finally:
+        if out_json.exists():
+            out_json.unlink()
+    record = {"evaluator_json": result, "wall_s": round(wall, 2), "command": " ".join(map(str, cmd))}
+    write_json(cache, record)
+    return {**record, "reused": False}
+
+
+METRICS = ("fid", "inception_score", "sfid", "precision", "recall")
+
+
+def make_row(args, run: str, guidance: dict, batch: int, config_file: Path, ckpts: dict, ref: Path,
+             npz: Path, sampling: dict, evaluation: dict, total: float) -> dict:
+    ev = evaluation["evaluator_json"]
+    missing = [m for m in METRICS if m not in ev]
+    if missing:
+        raise SettingError(f"the evaluator's json lacks {missing}; is {args.evaluator} the project's evaluator?")
+    settings = ev.get("settings", {})
+    evaluator_files = sorted(Path(args.evaluator).parent.glob("*.py"))
+    row = {
+        "schema": 1,
+        "run": run, "table": args.table, "order": args.order,
+        "model": args.model, "method": args.method, "kind": method_kind(guidance),
+        "smoke": args.smoke, "label": SMOKE_LABEL if args.smoke else "",
+        "guidance": guidance, "seed": args.seed, "num_samples": args.num_samples,
+        "per_proc_batch_size": batch, "nproc": args.nproc,
+        "metrics": {m: float(ev[m]) for m in METRICS},
+        "git_commit": git_commit(),
+        "evaluator": {"script": os.path.relpath(args.evaluator, REPO),
+                      "code_sha256": files_sha256(evaluator_files),
+                      "settings": settings, "command": evaluation["command"]},
+        "inception_weights": {
+            "path": settings.get("inception_weights"), "sha256": settings.get("inception_sha256"),
+            "kind": ("random (seeded recipe, NOT the FID Inception network)" if args.smoke
+                     else "FID Inception (2015-12-05 TF graph port)")},
+        "reference": {"path": str(ref), "sha256": settings.get("ref_sha256")},
+        "config": os.path.relpath(config_file, REPO),
+        "checkpoints": {k: str(v) for k, v in ckpts.items()},
+        "samples": str(npz),
+        "wall_time_s": {"sampling": sampling["wall_s"], "evaluation": evaluation["wall_s"],
+                        "this_invocation": round(total, 2)},
+        "reused": {"sampling": sampling["reused"], "evaluation": evaluation["reused"]},
+        "sample_command": sampling["command"],
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "host": platform.node(),
+    }
+    return row
+
+
+def log_wandb(row: dict) -> None:
+    """Best effort: the row is already on disk, so a W&B problem only costs the upload."""
+    import wandb
+    try:
+        _log_wandb(wandb, row)
+    except Exception as err:  # noqa: BLE001 - login, network, quota ...
+        print(f"warning: W&B logging failed ({type(err).__name__}: {err}); the row is saved", file=sys.stderr)
+
+
+def _log_wandb(wandb, row: dict) -> None:
+    run = wandb.init(project=env("WANDB_PROJECT", "softcfg"), name=row["run"], job_type="evaluation",
+                     tags=[row["table"], row["model"], row["kind"]] + (["SMOKE"] if row["smoke"] else []),
+                     config={k: v for k, v in row.items() if k != "metrics"})
+    run.log(row["metrics"])
+    run.summary.update(row["metrics"])
+    run.finish()
+
+
+def main(argv: Optional[list] = None) -> int:
+    args = parse_args(argv)
+    start = time.time()
+    config_file = config_path(args.model, args.smoke)
+    config = OmegaConf.load(config_file)
+    # SMOKE swaps the networks, not the settings: guidance comes from the real model's config.
+    guidance = effective_guidance(OmegaConf.load(config_path(args.model, smoke=False)), args)
+    batch = int(args.batch or (4 if args.smoke else config.sample.per_proc_batch_size))
+    run = run_name(args.model, args.smoke, guidance, args.seed, args.num_samples, batch)
+    row_path = args.results / args.table / "rows" / f"{run}.json"
+    tag = f"[{args.table}] {args.model} {args.method} seed {args.seed}" + (" (SMOKE)" if args.smoke else "")
+    if row_path.is_file():
+        print(f"skip {tag}: row exists {row_path}", flush=True)
+        return 0
+    print(f"=== {tag}: {run}", flush=True)
+
+    smoke_dir = args.results / "smoke"
+    if args.ref:
+        ref = Path(args.ref).resolve()
+    elif args.smoke:
+        ref = smoke_reference(smoke_dir / "reference.npz")
+    else:
+        ref = Path(args.weights).resolve() / "VIRTUAL_imagenet256_labeled.npz"
+    # Tiny models gain nothing from threads, and on a busy CI machine oversubscribed
+    # threads made the tiny sampler 10x slower.
+    child_env = {"OMP_NUM_THREADS": env("OMP_NUM_THREADS", "1")} if args.smoke else {}
+    ckpts = checkpoints(config, args)
+    check_files(ckpts, ref, args)
+    inception = (Path(args.inception_weights).resolve() if args.inception_weights
+                 else smoke_inception(smoke_dir / "inception_random.safetensors") if args.smoke else None)
+
+    out = args.results / "samples" / run
+    npz, sampling_meta = Path(f"{out}.npz"), Path(f"{out}.sampling.json")
+    cache = eval_cache_path(out, ref, inception, args.evaluator)
+    if cache.is_file() and sampling_meta.is_file():  # another table already evaluated this setting
+        print(f"reusing the samples and evaluation of {run} ({cache})", flush=True)
+        sampling = {**json.loads(sampling_meta.read_text()), "reused": True}
+        evaluation = {**json.loads(cache.read_text()), "reused": True}
+    else:
+        sampling = sample(args, config_file, ckpts, guidance, batch, out, run, child_env)
+        if npz_count(npz) != args.num_samples:
+            raise SettingError(f"{npz} does not hold {args.num_samples} images after sampling; rerun to resume")
+        evaluation = evaluate(args, npz, ref, inception, cache, child_env)
+    row = make_row(args, run, guidance, batch, config_file, ckpts, ref, npz, sampling, evaluation,
+                   time.time() - start)
+    write_json(row_path, row)  # last: a row exists only for finished work
+    m = row["metrics"]
+    print(f"row {row_path}: FID {m['fid']:.4f} IS {m['inception_score']:.2f} sFID {m['sfid']:.4f} "
+          f"precision {m['precision']:.4f} recall {m['recall']:.4f}" + (f"  [{SMOKE_LABEL}]" if args.smoke else ""),
+          flush=True)
+    if args.wandb:
+        log_wandb(row)
+    if args.delete_samples:
+        shutil.rmtree(out, ignore_errors=True)
+        npz.unlink(missing_ok=True)
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (SettingError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

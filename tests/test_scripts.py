@@ -1,0 +1,313 @@
+"""The table scripts (scripts/*.sh, run_setting.py, collect_results.py, plot_sweep.py).
+
+Fast tests check the pieces on synthetic rows. The end-to-end tests run every shell
+script with SMOKE=1 (tiny golden models, 4 samples, random Inception network) into one
+shared results folder, in file order, so later tables reuse earlier samples the way a user's
+runs do. Together they take a few minutes on 2 CPU cores.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ROOT / "scripts"
+sys.path.insert(0, str(SCRIPTS))
+
+import collect_results  # noqa: E402
+import plot_sweep  # noqa: E402
+import run_setting  # noqa: E402
+
+KNOBS = ("SMOKE", "SEEDS", "RESULTS", "NUM_SAMPLES", "NPROC", "WEIGHTS", "REF", "INCEPTION", "BATCH",
+         "DEVICE", "WANDB", "DELETE_SAMPLES", "EVALUATOR", "MODEL", "SCALES", "POWS")
+ROW_FIELDS = ("run", "table", "model", "method", "smoke", "label", "guidance", "seed", "num_samples",
+              "metrics", "git_commit", "evaluator", "inception_weights", "reference", "wall_time_s")
+RECIPE_SHA = json.loads((ROOT / "tests/fixtures/inception/weights_recipe.json").read_text())["sha256_472_float_keys"]
+HAVE_EVALUATOR = (ROOT / "evaluations" / "evaluator.py").is_file()
+
+
+def run(cmd: list, **env: str) -> subprocess.CompletedProcess:
+    """Run from the repository root with only the knobs given here (the caller's are dropped)."""
+    full = {k: v for k, v in os.environ.items() if k not in KNOBS}
+    full.update(env)
+    return subprocess.run([str(c) for c in cmd], cwd=ROOT, env=full, capture_output=True, text=True, timeout=900)
+
+
+def rows_of(folder: Path) -> list:
+    return [json.loads(p.read_text()) for p in sorted((folder / "rows").glob("*.json"))]
+
+
+# ----------------------------------------------------------------------------- fast
+def test_guidance_defaults_mirror_the_core():
+    from softcfg_patch.guidance import Guidance
+    assert run_setting.GUIDANCE_DEFAULTS == Guidance().to_dict()
+
+
+def guidance(**changes) -> dict:
+    return {**run_setting.GUIDANCE_DEFAULTS, **changes}
+
+
+def test_run_names_share_identical_images_only():
+    name = lambda g, seed=0: run_setting.run_name("alitok_xl", False, g, seed, 50000, 125)  # noqa: E731
+    cfg = guidance(guidance_scale=13.0, guidance_scale_pow=1.4)
+    # SoftCFG options cannot change a CFG sample, and an unguided sample ignores the schedule
+    assert name(cfg) == name({**cfg, "step_norm": False, "softcfg_target": "k"})
+    assert name(guidance(guidance_scale=0.0)) == name(guidance(guidance_scale=0.0, guidance_scale_pow=2.0))
+    soft = {**cfg, "softcfg_strength": 1.0}
+    others = [cfg, {**soft, "softcfg_target": "k"}, {**soft, "step_norm": False}, {**soft, "guidance_scale": 9.0}]
+    assert len({name(soft), name(soft, seed=1), *map(name, others)}) == 6
+    assert name(soft).startswith("alitok_xl_softcfg_seed0_n50000_")
+    assert name(guidance(guidance_scale=0.0)).startswith("alitok_xl_noguidance_")
+    assert run_setting.run_name("alitok_xl", True, soft, 0, 4, 4).startswith("smoke_")
+
+
+def synthetic_row(model: str, method: str, seed: int, fid: float, is_: float, order: int = 1,
+                  smoke: bool = False, **g) -> dict:
+    return {"model": model, "method": method, "smoke": smoke, "seed": seed, "order": order,
+            "num_samples": 50000, "git_commit": "abc123", "guidance": guidance(**g),
+            "inception_weights": {"sha256": "w"},
+            "metrics": {"fid": fid, "inception_score": is_, "sfid": 6.0 + seed, "precision": 0.8, "recall": 0.6}}
+
+
+def write_rows(folder: Path, rows: list) -> Path:
+    (folder / "rows").mkdir(parents=True)
+    for i, row in enumerate(rows):
+        (folder / "rows" / f"r{i}.json").write_text(json.dumps(row))
+    return folder
+
+
+def test_collect_results_mean_std_markdown_and_csv(tmp_path):
+    soft = dict(guidance_scale=9.0, guidance_scale_pow=1.5, softcfg_strength=1.0)
+    rows = [synthetic_row("alitok_xl", "SoftCFG", s, fid, is_, order=2, **soft)
+            for s, fid, is_ in ((0, 1.30, 300.0), (1, 1.25, 302.0), (2, 1.27, 304.0))]
+    rows += [synthetic_row("alitok_xl", "CFG", 0, 1.35, 290.0, order=1, guidance_scale=13.0),
+             synthetic_row("alitok_b", "CFG", 0, 1.50, 280.0, order=1, guidance_scale=16.0)]
+    folder = write_rows(tmp_path / "t", rows)
+    assert collect_results.main([str(folder)]) == 0
+
+    # by hand: mean (1.30 + 1.25 + 1.27) / 3 = 1.273333; deviations .026667, -.023333, -.003333;
+    # squares sum to .00126667; / (3 - 1) = .00063333; sqrt = .0251661. IS: 302 ± 2.
+    md = (folder / "results.md").read_text()
+    lines = [line for line in md.splitlines() if line.startswith("| alitok")]
+    assert [line.split(" | ")[:2] for line in lines] == [
+        ["| alitok_b", "CFG"], ["| alitok_xl", "CFG"], ["| alitok_xl", "SoftCFG"]]  # size, then order
+    assert "| 1.273 ± 0.025 | 302.0 ± 2.0 | 7.000 ± 1.000 | 0.800 ± 0.000 | 0.600 ± 0.000 | 3 |" in lines[2]
+    assert "| 1.350 | 290.0 |" in lines[1] and "±" not in lines[1]  # one seed: no spread
+    assert "γ=9 k=1.5 α=1 StepNorm v/sampled/source" in lines[2] and "SMOKE" not in md
+
+    table = list(csv.DictReader(open(folder / "results.csv")))
+    soft_row = [r for r in table if r["method"] == "SoftCFG"][0]
+    assert soft_row["n_seeds"] == "3" and soft_row["seeds"] == "0 1 2" and soft_row["note"] == ""
+    assert math.isclose(float(soft_row["fid_mean"]), 1.2733333333, rel_tol=1e-9)
+    assert math.isclose(float(soft_row["fid_std"]), 0.0251661148, rel_tol=1e-8)
+    assert math.isclose(float(soft_row["inception_score_std"]), 2.0, rel_tol=1e-12)
+    assert float(soft_row["guidance_scale"]) == 9.0 and soft_row["softcfg_target"] == "v"
+    cfg_row = [r for r in table if r["model"] == "alitok_xl" and r["method"] == "CFG"][0]
+    assert cfg_row["fid_std"] == "" and cfg_row["n_seeds"] == "1"
+
+
+def test_collect_results_labels_smoke_and_rejects_broken_rows(tmp_path):
+    folder = write_rows(tmp_path / "s", [synthetic_row("rar_l", "CFG", 0, 90.0, 1.0, smoke=True)])
+    assert collect_results.main([str(folder), "--out", str(tmp_path / "out")]) == 0
+    md = (tmp_path / "out.md").read_text()
+    assert "NOT real FID" in md and "| rar_l (SMOKE) |" in md
+    assert list(csv.DictReader(open(tmp_path / "out.csv")))[0]["note"] == "SMOKE - NOT a real FID"
+
+    (folder / "rows" / "bad.json").write_text(json.dumps({"model": "rar_l"}))
+    with pytest.raises(SystemExit, match="bad.json lacks"):
+        collect_results.load_rows([folder])
+    with pytest.raises(SystemExit, match="not a folder"):
+        collect_results.load_rows([tmp_path / "missing"])
+
+
+def test_plot_sweep_draws_both_methods(tmp_path):
+    from PIL import Image
+    rows = [synthetic_row("alitok_xl", method, seed, fid + 0.01 * seed, 280.0 + scale, guidance_scale=scale,
+                          guidance_scale_pow=1.4, softcfg_strength=strength, smoke=True)
+            for method, strength, fid in (("CFG", 0.0, 1.4), ("SoftCFG", 1.0, 1.3))
+            for scale in (9.0, 13.0) for seed in (0, 1)]
+    folder = write_rows(tmp_path / "sweep", rows)
+    assert plot_sweep.main([str(folder)]) == 0
+    image = Image.open(folder / "sweep.png")
+    assert image.size[0] > 600 and "SMOKE" in image.text["Title"] and "NOT a real FID" in image.text["Title"]
+    groups = collect_results.summarize(rows)
+    assert sorted(plot_sweep.line_label(g) for g in groups)[0] == "alitok_xl CFG, k=1.4 [SMOKE]"
+
+
+def test_bad_input_gives_usage_and_listed_downloads(tmp_path):
+    for script, arg in (("table1_alitok.sh", "m"), ("table_rar.sh", ""), ("table_ablation.sh", "xl")):
+        res = run(["bash", SCRIPTS / script, arg] if arg else ["bash", SCRIPTS / script])
+        assert res.returncode == 2 and "usage" in res.stderr, (script, res.stderr)
+    res = run(["bash", SCRIPTS / "sweep.sh"], MODEL="dit_xl")
+    assert res.returncode == 2 and "MODEL must be" in res.stderr
+
+    results = tmp_path / "results"
+    res = run([sys.executable, SCRIPTS / "run_setting.py", "--table", "t", "--model", "alitok_xl",
+               "--method", "CFG"], WEIGHTS=str(tmp_path / "empty"), RESULTS=str(results))
+    assert res.returncode == 2
+    for needle in ("alitok_xl.bin", "AliTok.pth", "VIRTUAL_imagenet256_labeled.npz", "ali-vilab/alitok",
+                   "guided-diffusion"):
+        assert needle in res.stderr, needle
+    assert "Traceback" not in res.stderr and not results.exists()  # nothing started
+
+    res = run([sys.executable, SCRIPTS / "run_setting.py", "--table", "t", "--model", "rar_b", "--method",
+               "CFG", "--smoke"], NUM_SAMPLES="2", RESULTS=str(results))
+    assert res.returncode == 2 and "must be >= 4" in res.stderr
+
+
+@pytest.mark.skipif(not HAVE_EVALUATOR, reason="evaluations/evaluator.py is not there yet")
+def test_wandb_without_the_package_is_refused_up_front(tmp_path):
+    try:
+        import wandb  # noqa: F401
+        pytest.skip("wandb is installed here")
+    except ImportError:
+        pass
+    res = run([sys.executable, SCRIPTS / "run_setting.py", "--table", "t", "--model", "alitok_b",
+               "--method", "CFG"], SMOKE="1", WANDB="1", RESULTS=str(tmp_path))
+    assert res.returncode == 2 and "pip install wandb" in res.stderr
+    assert not (tmp_path / "samples").exists()
+
+
+# ----------------------------------------------------------------------------- end to end
+@pytest.fixture(scope="module")
+def smoke_results(tmp_path_factory) -> Path:
+    if not HAVE_EVALUATOR:
+        pytest.skip("evaluations/evaluator.py is not there yet")
+    return tmp_path_factory.mktemp("smoke") / "results"
+
+
+def smoke(script: str, results: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    res = run(["bash", SCRIPTS / script, *args], SMOKE="1", RESULTS=str(results), **env)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return res
+
+
+def evaluated_runs(results: Path) -> set:
+    """Runs whose samples are already evaluated in this results folder."""
+    return {p.name.split(".eval-")[0] for p in (results / "samples").glob("*.eval-*.json")}
+
+
+def check_reuse(res: subprocess.CompletedProcess, rows: list, before: set, earlier_table: Path, shared: int) -> None:
+    """Settings evaluated by an earlier table are reused, not redrawn (`shared` of them when that
+    table ran first in this session, as in file order)."""
+    reused = [r["run"] for r in rows if r["run"] in before]
+    assert res.stdout.count("reusing the samples and evaluation") == len(reused)
+    assert all(r["reused"]["sampling"] == (r["run"] in before) for r in rows)
+    if earlier_table.is_dir():
+        assert len(reused) == shared
+
+
+def check_row(row: dict) -> None:
+    missing = [f for f in ROW_FIELDS if f not in row]
+    assert not missing, missing
+    assert row["smoke"] is True and "NOT a real FID" in row["label"] and row["run"].startswith("smoke_")
+    assert set(row["metrics"]) == {"fid", "inception_score", "sfid", "precision", "recall"}
+    assert all(isinstance(v, float) and math.isfinite(v) for v in row["metrics"].values())
+    assert set(row["guidance"]) == set(run_setting.GUIDANCE_DEFAULTS) and row["num_samples"] == 4
+    assert row["inception_weights"]["sha256"] == RECIPE_SHA  # the seeded random recipe, labelled as such
+    assert "NOT the FID Inception" in row["inception_weights"]["kind"]
+    assert len(row["git_commit"]) >= 40 or row["git_commit"].startswith("unknown")
+    assert len(row["evaluator"]["code_sha256"]) == 64 and row["evaluator"]["settings"]["num_samples"] == 4
+    assert row["wall_time_s"]["sampling"] > 0 and row["wall_time_s"]["evaluation"] > 0
+
+
+def test_table1_smoke_with_two_seeds(smoke_results):
+    smoke("table1_alitok.sh", smoke_results, "xl", SEEDS="0 1")
+    folder = smoke_results / "table1_alitok"
+    rows = rows_of(folder)
+    assert len(rows) == 4
+    for row in rows:
+        check_row(row)
+    by = {(r["method"], r["seed"]): r["guidance"] for r in rows}
+    assert by[("CFG", 1)]["guidance_scale"] == 13 and by[("CFG", 1)]["guidance_scale_pow"] == 1.4
+    assert by[("CFG", 1)]["softcfg_strength"] == 0
+    assert by[("SoftCFG", 0)] == {**run_setting.GUIDANCE_DEFAULTS, "guidance_scale": 9.0,
+                                  "guidance_scale_pow": 1.5, "softcfg_strength": 1.0}
+    md = (folder / "results.md").read_text()
+    assert "NOT real FID" in md and md.count("| alitok_xl (SMOKE) |") == 2 and md.count(" ± ") >= 10
+    table = list(csv.DictReader(open(folder / "results.csv")))
+    assert [r["n_seeds"] for r in table] == ["2", "2"] and all(r["note"] for r in table)
+    # the CSV's mean and std are those of the two rows
+    fids = [r["metrics"]["fid"] for r in rows if r["method"] == "CFG"]
+    cfg = [r for r in table if r["method"] == "CFG"][0]
+    assert math.isclose(float(cfg["fid_mean"]), sum(fids) / 2, rel_tol=1e-12)
+    assert math.isclose(float(cfg["fid_std"]), abs(fids[0] - fids[1]) / math.sqrt(2), rel_tol=1e-9)
+
+
+def test_rerun_skips_finished_work(smoke_results):
+    folder = smoke_results / "table1_alitok"
+    smoke("table1_alitok.sh", smoke_results, "xl", SEEDS="0 1")  # already done when run in file order
+    watched = sorted((folder / "rows").glob("*.json")) + sorted((smoke_results / "samples").glob("*.npz"))
+    before = {p: p.stat().st_mtime_ns for p in watched}
+    res = smoke("table1_alitok.sh", smoke_results, "xl", SEEDS="0 1")
+    assert res.stdout.count("skip [table1_alitok]") == 4 and "sampling" not in res.stdout
+    assert {p: p.stat().st_mtime_ns for p in watched} == before
+
+    # a lost row is rebuilt from the kept samples and evaluation, without recomputing them
+    lost = watched[0]
+    old = json.loads(lost.read_text())
+    lost.unlink()
+    res = smoke("table1_alitok.sh", smoke_results, "xl", SEEDS="0 1")
+    assert "reusing the samples and evaluation" in res.stdout and "+ " not in res.stdout
+    assert json.loads(lost.read_text())["metrics"] == old["metrics"]
+    assert not [p for p in (folder / "rows").iterdir() if p.name.startswith(".")]  # no temporaries left
+
+
+def test_ablation_smoke_runs_every_setting(smoke_results):
+    before = evaluated_runs(smoke_results)
+    res = smoke("table_ablation.sh", smoke_results)
+    rows = {r["method"]: r for r in rows_of(smoke_results / "ablation_alitok_xl")}
+    assert len(rows) == 9
+    for row in rows.values():
+        check_row(row)
+    g = {m: r["guidance"] for m, r in rows.items()}
+    assert g["No guidance"]["guidance_scale"] == 0 and rows["No guidance"]["kind"] == "noguidance"
+    assert g["SoftCFG w/o StepNorm"]["step_norm"] is False and g["SoftCFG w/ StepNorm"]["step_norm"] is True
+    assert g["SoftCFG w/ StepNorm"]["guidance_scale"] == 13 and g["SoftCFG tuned (V)"]["guidance_scale"] == 9
+    assert [g[m]["softcfg_target"] for m in ("SoftCFG tuned (V)", "SoftCFG tuned, K only",
+                                             "SoftCFG tuned, K and V")] == ["v", "k", "kv"]
+    assert g["SoftCFG tuned, confidence=max"]["softcfg_confidence"] == "max"
+    assert g["SoftCFG tuned, align=token"]["softcfg_align"] == "token"
+    # CFG and SoftCFG tuned are table 1's seed-0 runs
+    check_reuse(res, list(rows.values()), before, smoke_results / "table1_alitok", shared=2)
+    assert not rows["SoftCFG tuned, K only"]["reused"]["sampling"]
+    md = (smoke_results / "ablation_alitok_xl" / "results.md").read_text()
+    assert md.index("No guidance") < md.index("| CFG") < md.index("w/o StepNorm") < md.index("align=token")
+
+
+@pytest.mark.skipif(not (ROOT / "tests/configs/rar_tiny.yaml").is_file(), reason="tests/configs/rar_tiny.yaml missing")
+def test_table_rar_smoke(smoke_results):
+    smoke("table_rar.sh", smoke_results, "l")
+    rows = {r["method"]: r for r in rows_of(smoke_results / "table_rar")}
+    assert set(rows) == {"CFG", "SoftCFG"}
+    for row in rows.values():
+        check_row(row)
+        assert row["model"] == "rar_l" and row["config"] == "tests/configs/rar_tiny.yaml"
+    # SMOKE swaps the networks but keeps the real settings: configs/rar_l.yaml's CFG, the paper's SoftCFG
+    cfg, soft = rows["CFG"]["guidance"], rows["SoftCFG"]["guidance"]
+    assert (cfg["guidance_scale"], cfg["guidance_scale_pow"], cfg["randomize_temperature"]) == (15.5, 2.5, 1.02)
+    assert (soft["guidance_scale"], soft["guidance_scale_pow"], soft["softcfg_strength"]) == (6.5, 1.01, 1.0)
+    assert soft["randomize_temperature"] == 1.02
+    assert "| rar_l (SMOKE) | SoftCFG |" in (smoke_results / "table_rar" / "results.md").read_text()
+
+
+def test_sweep_smoke_grid_table_and_plot(smoke_results):
+    from PIL import Image
+    before = evaluated_runs(smoke_results)
+    res = smoke("sweep.sh", smoke_results, SCALES="9 13", POWS="1.4")
+    rows = rows_of(smoke_results / "sweep_alitok_xl")
+    grid = sorted((r["method"], r["guidance"]["guidance_scale"], r["guidance"]["guidance_scale_pow"]) for r in rows)
+    assert grid == [("CFG", 9.0, 1.4), ("CFG", 13.0, 1.4), ("SoftCFG", 9.0, 1.4), ("SoftCFG", 13.0, 1.4)]
+    for row in rows:
+        check_row(row)
+    check_reuse(res, rows, before, smoke_results / "ablation_alitok_xl", shared=2)  # 13/1.4, both methods
+    image = Image.open(smoke_results / "sweep_alitok_xl" / "sweep.png")
+    assert "SMOKE" in image.text["Title"] and image.size[0] > 600
+    assert "NOT real FID" in (smoke_results / "sweep_alitok_xl" / "results.md").read_text()
