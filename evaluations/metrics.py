@@ -1,0 +1,349 @@
+"""The ADM evaluator's metric math: FID, sFID, Inception Score, improved precision and recall.
+
+Every function follows openai/guided-diffusion's `evaluations/evaluator.py` (commit 22e0df8),
+including its numerics: float32 means, float64 covariances (N - 1), scipy's sqrtm of
+sigma_sample @ sigma_ref, float32 IS in consecutive splits of 5000, and k=3 manifold radii
+from squared distances computed in float16 with a float32 fallback per 10000x10000 block.
+All functions accept numpy arrays or torch tensors of any feature dimension.
+
+    compute_all(ref, sample) -> {"inception_score", "fid", "sfid", "precision", "recall"}
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+
+import numpy as np
+import scipy
+import torch
+from scipy import linalg
+from scipy.linalg import lapack
+
+DISTANCE_RULES = ("fp16", "fp32")
+FID_METHODS = ("sqrtm", "eigh")
+POOL_DIM, SPATIAL_DIM, LOGIT_DIM = 2048, 2023, 1008
+
+
+# ----------------------------------------------------------------------------- input checks
+
+def _features(x, name: str, dim: int | None = None, min_rows: int = 1) -> np.ndarray:
+    """A finite float32 [N, D] numpy array, or a ValueError that says what was wrong."""
+    if torch.is_tensor(x):
+        x = x.detach().cpu().numpy()
+    x = np.asarray(x)
+    if x.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D array [N, D], got shape {x.shape}")
+    if dim is not None and x.shape[1] != dim:
+        raise ValueError(f"{name} must have {dim} columns, got shape {x.shape}")
+    if x.shape[0] < min_rows:
+        raise ValueError(f"{name} needs at least {min_rows} rows, got {x.shape[0]}; evaluate more images")
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if not np.isfinite(x).all():
+        bad = np.unique(np.nonzero(~np.isfinite(x))[0])
+        raise ValueError(f"{name} contains NaN/inf in {len(bad)} rows (first: {bad[:5].tolist()}); the "
+                         f"network output is broken (bad weights, fp16 overflow?) - fix it and recompute")
+    return x
+
+
+# ----------------------------------------------------------------------------- FID / sFID
+
+def statistics(features, chunk: int = 8192) -> tuple[np.ndarray, np.ndarray]:
+    """(mu, sigma) as ADM: float32 column means and the float64 unbiased covariance (N - 1).
+
+    The covariance is accumulated over row chunks of the centred float64 features, which
+    equals numpy.cov without its full float64 copy of a 50k x 2048 matrix.
+    """
+    x = _features(features, "features", min_rows=2)
+    mu = np.mean(x, axis=0)  # float32, as np.mean of the float32 activations in ADM
+    mean64 = np.mean(x, axis=0, dtype=np.float64)
+    sigma = np.zeros((x.shape[1], x.shape[1]), dtype=np.float64)
+    for start in range(0, len(x), chunk):
+        centred = x[start:start + chunk].astype(np.float64) - mean64
+        sigma += centred.T @ centred
+    return mu, sigma / (len(x) - 1)
+
+
+def _check_stats(mu, sigma, name: str) -> tuple[np.ndarray, np.ndarray]:
+    mu, sigma = np.atleast_1d(np.asarray(mu)), np.atleast_2d(np.asarray(sigma))
+    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+        raise ValueError(f"{name}: mu must be [D] and sigma [D, D], got {mu.shape} and {sigma.shape}")
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise ValueError(f"{name}: mu/sigma contain NaN or inf; recompute the statistics")
+    return mu, sigma
+
+
+def _sqrtm(a: np.ndarray) -> np.ndarray:
+    # scipy 1.16 deprecated `disp` (removed in 1.18); before that, disp=True prints to stdout.
+    if tuple(int(p) for p in scipy.__version__.split(".")[:2]) >= (1, 16):
+        return linalg.sqrtm(a)
+    return linalg.sqrtm(a, disp=False)[0]
+
+
+def _trace_sqrt_product_sqrtm(sigma1: np.ndarray, sigma2: np.ndarray, eps: float) -> float:
+    """tr sqrtm(sigma1 @ sigma2) exactly as ADM: eps retry on non-finite, imaginary-part check."""
+    covmean = _sqrtm(sigma1.dot(sigma2))
+    if not np.isfinite(covmean).all():
+        warnings.warn(f"fid calculation produces singular product; adding {eps} to diagonal of cov estimates",
+                      stacklevel=3)
+        offset = np.eye(sigma1.shape[0]) * eps
+        covmean = _sqrtm((sigma1 + offset).dot(sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f"Imaginary component {np.max(np.abs(covmean.imag))} in sqrtm(sigma1 @ sigma2); "
+                             f"the covariances are not valid (too few samples for the feature dimension?)")
+        covmean = covmean.real
+    return np.trace(covmean)
+
+
+def _psd_factor(sigma: np.ndarray) -> np.ndarray:
+    """F [D, r] with sigma = F F^T, by pivoted Cholesky (LAPACK pstrf). r is the numerical rank:
+    directions below D * eps * max(diag) are dropped, so a covariance of N < D rows costs O(D^2 N)."""
+    c, piv, rank, info = lapack.dpstrf(np.asarray(sigma, dtype=np.float64), lower=1)
+    if info < 0:
+        raise ValueError(f"pivoted Cholesky failed (LAPACK info {info}); is sigma a covariance matrix?")
+    factor = np.empty((sigma.shape[0], rank))
+    factor[piv - 1] = np.tril(c)[:, :rank]  # undo the pivoting: sigma = (P L)(P L)^T
+    return factor
+
+
+def _trace_sqrt_product_eigh(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
+    """tr sqrtm(sigma1 @ sigma2) via symmetric eigenvalues: with sigma1 = F F^T, sigma1 @ sigma2
+    has the nonzero eigenvalues of the PSD matrix F^T sigma2 F. Several times faster than sqrtm,
+    fast for low-rank covariances and free of complex round-off; agrees with sqrtm to ~1e-9."""
+    factor = _psd_factor(sigma1)
+    inner = factor.T @ sigma2 @ factor
+    eig = linalg.eigvalsh((inner + inner.T) / 2)
+    return float(np.sqrt(np.clip(eig, 0, None)).sum())
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6, method: str = "sqrtm") -> float:
+    """|mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr sqrtm(S1 S2). ADM passes the sample first.
+
+    method "sqrtm" is ADM's exact code path (scipy.linalg.sqrtm); "eigh" computes the same trace
+    from symmetric eigenvalues (scipy), much faster for 2048-d features on CPU.
+    """
+    if method not in FID_METHODS:
+        raise ValueError(f"method must be one of {FID_METHODS}, got {method!r}")
+    mu1, sigma1 = _check_stats(mu1, sigma1, "first statistics")
+    mu2, sigma2 = _check_stats(mu2, sigma2, "second statistics")
+    if mu1.shape != mu2.shape:
+        raise ValueError(f"statistics have different dimensions: {mu1.shape[0]} vs {mu2.shape[0]}")
+    diff = mu1 - mu2  # float32 when both means are float32, as in ADM
+    if method == "sqrtm":
+        tr_covmean = _trace_sqrt_product_sqrtm(sigma1, sigma2, eps)
+    else:
+        tr_covmean = _trace_sqrt_product_eigh(sigma1, sigma2)
+    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
+
+
+# ----------------------------------------------------------------------------- Inception Score
+
+def _softmax32(logits: np.ndarray) -> np.ndarray:
+    z = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return z / z.sum(axis=1, keepdims=True)
+
+
+def inception_score_splits(logits, split_size: int = 5000) -> list[float]:
+    """Per-split Inception Scores: consecutive chunks of `split_size` rows in file order,
+    the last chunk may be shorter; float32 throughout, as ADM."""
+    x = _features(logits, "logits")
+    if split_size < 1:
+        raise ValueError(f"split_size must be >= 1, got {split_size}")
+    scores = []
+    for start in range(0, len(x), split_size):
+        p = _softmax32(x[start:start + split_size])
+        p_y = np.mean(p, axis=0, keepdims=True)
+        kl = np.mean(np.sum(p * (np.log(p) - np.log(p_y)), axis=1))
+        scores.append(np.exp(kl))
+    scores = np.asarray(scores, dtype=np.float32)
+    if not np.isfinite(scores).all():
+        raise ValueError("Inception Score is not finite: a softmax probability underflowed to 0 (logits "
+                         "spread > ~100); check that `logits` are the network's unbiased logits")
+    return [float(s) for s in scores]
+
+
+def inception_score(logits, split_size: int = 5000) -> float:
+    """ADM's Inception Score from unbiased logits [N, C]: the plain mean of the split scores."""
+    return float(np.mean(np.asarray(inception_score_splits(logits, split_size), dtype=np.float32)))
+
+
+# ----------------------------------------------------------------------------- precision / recall
+
+@contextlib.contextmanager
+def _no_tf32():
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def _prepare(x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """What every distance block of one feature set needs, computed once: the float32 rows and
+    norms (fallback) and the float16-cast rows (float32 storage, for the GEMM) and float16 norms."""
+    x = x.float()
+    h = x.to(torch.float16)
+    return {"x32": x, "n32": (x * x).sum(1), "x16": h.float(), "n16": (h * h).sum(1, dtype=torch.float32).half()}
+
+
+def _rows(prepared: dict, start: int, stop: int) -> dict:
+    return {k: v[start:stop] for k, v in prepared.items()}
+
+
+def _block_distances(a: dict, b: dict, distance: str, sub_rows: int = 2048) -> torch.Tensor:
+    """Squared distances between two prepared blocks, float32 [len(a), len(b)].
+
+    "fp16" is ADM's DistanceBlock: TF evaluates max((|u|^2 - 2 u.v) + |v|^2, 0) on float16
+    tensors, and uses the result only if every entry of the block is finite, else recomputes
+    the block in float32. Here the squares and dot products are taken in float32 from the
+    float16-cast inputs (exact products, float32 accumulation) and rounded once; the other steps
+    run on torch float16 tensors, which compute in float32 and round - equal to native float16
+    operations since float32 has 24 >= 2 * 11 + 2 bits (double rounding is harmless).
+    """
+    out = torch.empty(len(a["x32"]), len(b["x32"]), dtype=torch.float32, device=a["x32"].device)
+    with _no_tf32():
+        if distance == "fp16":
+            for s in range(0, len(out), sub_rows):  # bounds the temporaries of 10000 x 10000 blocks
+                g = (a["x16"][s:s + sub_rows] @ b["x16"].t()).half()
+                d = (a["n16"][s:s + sub_rows, None] - 2 * g) + b["n16"][None, :]
+                out[s:s + sub_rows] = torch.clamp_min(d, 0)  # NaN stays NaN, as in tf.maximum
+            # entries are >= 0 and <= 65504, so the float32 sum is finite iff every entry is
+            if bool(torch.isfinite(out.sum())):
+                return out
+        for s in range(0, len(out), sub_rows):
+            g = a["x32"][s:s + sub_rows] @ b["x32"].t()
+            out[s:s + sub_rows] = torch.clamp_min((a["n32"][s:s + sub_rows, None] - 2 * g) + b["n32"][None, :], 0)
+    return out
+
+
+def pairwise_distances(u: torch.Tensor, v: torch.Tensor, distance: str = "fp16") -> torch.Tensor:
+    """Squared distances of one block (float32) under ADM's "fp16" rule or plain "fp32"."""
+    if distance not in DISTANCE_RULES:
+        raise ValueError(f"distance must be one of {DISTANCE_RULES}, got {distance!r}")
+    return _block_distances(_prepare(u), _prepare(v), distance)
+
+
+def _device(device) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def manifold_radii(features, k: int = 3, row_batch_size: int = 10000, col_batch_size: int = 10000,
+                   distance: str = "fp16", device=None) -> np.ndarray:
+    """Squared distance of each vector to its k-th nearest other vector (float32 [N]).
+
+    Distances are computed in ADM's row x column blocks (the fp16/fp32 choice is per block),
+    keeping a running k+1 smallest per row (the vector itself counts, at distance ~0).
+    """
+    if distance not in DISTANCE_RULES:
+        raise ValueError(f"distance must be one of {DISTANCE_RULES}, got {distance!r}")
+    x = _prepare(torch.from_numpy(_features(features, "features", min_rows=k + 1)).to(_device(device)))
+    n = len(x["x32"])
+    radii = np.empty(n, dtype=np.float32)
+    for r in range(0, n, row_batch_size):
+        rows, best = _rows(x, r, r + row_batch_size), None
+        for c in range(0, n, col_batch_size):
+            block = _block_distances(rows, _rows(x, c, c + col_batch_size), distance)
+            if best is not None:
+                block = torch.cat([best, block], 1)
+            best = torch.topk(block, min(k + 1, block.shape[1]), dim=1, largest=False).values
+        radii[r:r + len(best)] = best[:, k].cpu().numpy()
+    return radii
+
+
+def manifold_membership(ref_features, ref_radii, sample_features, sample_radii,
+                        row_batch_size: int = 10000, col_batch_size: int = 10000,
+                        distance: str = "fp16", device=None) -> tuple[np.ndarray, np.ndarray]:
+    """(sample_in_ref, ref_in_sample) bool arrays: whether a sample lies in some reference ball
+    d(s, r) <= radius(r), and whether a reference lies in some sample ball (ties count)."""
+    if distance not in DISTANCE_RULES:
+        raise ValueError(f"distance must be one of {DISTANCE_RULES}, got {distance!r}")
+    dev = _device(device)
+    ref = torch.from_numpy(_features(ref_features, "ref_features")).to(dev)
+    sample = torch.from_numpy(_features(sample_features, "sample_features")).to(dev)
+    if ref.shape[1] != sample.shape[1]:
+        raise ValueError(f"reference and sample features differ in dimension: {ref.shape[1]} vs {sample.shape[1]}")
+    r_rad = torch.from_numpy(np.asarray(ref_radii, dtype=np.float32)).to(dev)
+    s_rad = torch.from_numpy(np.asarray(sample_radii, dtype=np.float32)).to(dev)
+    if r_rad.shape != (len(ref),) or s_rad.shape != (len(sample),):
+        raise ValueError("radii must have one entry per feature row")
+    ref, sample = _prepare(ref), _prepare(sample)
+    sample_in = torch.zeros(len(s_rad), dtype=torch.bool, device=dev)
+    ref_in = torch.zeros(len(r_rad), dtype=torch.bool, device=dev)
+    for r in range(0, len(r_rad), row_batch_size):
+        for c in range(0, len(s_rad), col_batch_size):
+            d = _block_distances(_rows(ref, r, r + row_batch_size), _rows(sample, c, c + col_batch_size), distance)
+            ref_in[r:r + row_batch_size] |= (d <= s_rad[None, c:c + col_batch_size]).any(1)
+            sample_in[c:c + col_batch_size] |= (d <= r_rad[r:r + row_batch_size, None]).any(0)
+    return sample_in.cpu().numpy(), ref_in.cpu().numpy()
+
+
+def precision_recall(ref_feats, sample_feats, k: int = 3, row_batch_size: int = 10000,
+                     col_batch_size: int = 10000, distance: str = "fp16", device=None) -> tuple[float, float]:
+    """Improved precision and recall (Kynkaanniemi et al.) with ADM's manifold estimator.
+
+    precision = fraction of samples inside the reference manifold, recall = fraction of
+    references inside the sample manifold. Needs more than k rows in each set.
+    """
+    opts = dict(row_batch_size=row_batch_size, col_batch_size=col_batch_size, distance=distance, device=device)
+    ref = _features(ref_feats, "ref_feats", min_rows=k + 1)
+    sample = _features(sample_feats, "sample_feats", min_rows=k + 1)
+    if ref.shape[1] != sample.shape[1]:
+        raise ValueError(f"ref_feats and sample_feats differ in dimension: {ref.shape[1]} vs {sample.shape[1]}")
+    ref_radii = manifold_radii(ref, k, **opts)
+    sample_radii = manifold_radii(sample, k, **opts)
+    sample_in, ref_in = manifold_membership(ref, ref_radii, sample, sample_radii, **opts)
+    return float(np.mean(sample_in, dtype=np.float64)), float(np.mean(ref_in, dtype=np.float64))
+
+
+# ----------------------------------------------------------------------------- all five
+
+def _stats_of(batch: dict, key: str, mu_key: str, sigma_key: str, dim: int, name: str):
+    """Precomputed statistics when the batch carries them (ADM's npz `mu`/`sigma`), else computed."""
+    if batch.get(mu_key) is not None:
+        if batch.get(sigma_key) is None:
+            raise ValueError(f"{name} has '{mu_key}' but no '{sigma_key}'; provide both or neither")
+        mu, sigma = _check_stats(batch[mu_key], batch[sigma_key], f"{name} {mu_key}/{sigma_key}")
+        if mu.shape[0] != dim:
+            raise ValueError(f"{name} '{mu_key}' has dimension {mu.shape[0]}, expected {dim}")
+        return mu, sigma
+    if batch.get(key) is None:
+        raise ValueError(f"{name} needs '{key}' features [N, {dim}] (or precomputed '{mu_key}'/'{sigma_key}')")
+    return statistics(_features(batch[key], f"{name} {key}", dim=dim, min_rows=2))
+
+
+def compute_all(ref: dict, sample: dict, *, split_size: int = 5000, k: int = 3, distance: str = "fp16",
+                fid_method: str = "sqrtm", row_batch_size: int = 10000, col_batch_size: int = 10000,
+                device=None) -> dict[str, float]:
+    """The five ADM numbers from Inception activations.
+
+    ref / sample: dicts with `pool` [N, 2048], `spatial` [N, 2023] (ADM order) and, for the
+    sample, `logits` [N, 1008] (unbiased). A dict may also carry precomputed `mu`, `sigma`
+    (pool) and `mu_s`, `sigma_s` (spatial); as in ADM these then replace its own statistics
+    for FID / sFID, while precision and recall still use its `pool` rows.
+    """
+    if "logits" not in sample:
+        raise ValueError("sample needs 'logits' [N, 1008] (unbiased Inception logits) for the Inception Score")
+    ref_pool = _features(ref["pool"], "ref pool", dim=POOL_DIM, min_rows=k + 1) if "pool" in ref else None
+    sample_pool = (_features(sample["pool"], "sample pool", dim=POOL_DIM, min_rows=k + 1)
+                   if "pool" in sample else None)
+    if ref_pool is None or sample_pool is None:
+        raise ValueError("ref and sample both need 'pool' features [N, 2048] for precision and recall")
+    logits = _features(sample["logits"], "sample logits", dim=LOGIT_DIM)
+    if len(logits) != len(sample_pool):
+        raise ValueError(f"sample logits have {len(logits)} rows but pool has {len(sample_pool)}")
+    ref_pool_stats = _stats_of({**ref, "pool": ref_pool}, "pool", "mu", "sigma", POOL_DIM, "ref")
+    sample_pool_stats = _stats_of({**sample, "pool": sample_pool}, "pool", "mu", "sigma", POOL_DIM, "sample")
+    ref_spatial_stats = _stats_of(ref, "spatial", "mu_s", "sigma_s", SPATIAL_DIM, "ref")
+    sample_spatial_stats = _stats_of(sample, "spatial", "mu_s", "sigma_s", SPATIAL_DIM, "sample")
+    precision, recall = precision_recall(ref_pool, sample_pool, k=k, row_batch_size=row_batch_size,
+                                         col_batch_size=col_batch_size, distance=distance, device=device)
+    return {
+        "inception_score": inception_score(logits, split_size),
+        "fid": frechet_distance(*sample_pool_stats, *ref_pool_stats, method=fid_method),
+        "sfid": frechet_distance(*sample_spatial_stats, *ref_spatial_stats, method=fid_method),
+        "precision": precision,
+        "recall": recall,
+    }

@@ -1,0 +1,147 @@
+"""Streaming reader for ADM batch files: `arr_0` images read in row batches straight out of the npz.
+
+An ADM sample batch is `np.savez(path, images[N, H, W, 3] uint8, labels)`: a zip whose member
+`arr_0.npy` can be 10 GB. We parse the .npy header of that member and then read raw rows from
+the zip stream, so memory holds one batch whatever N is (stored or deflated members alike).
+Small arrays (`mu`, `sigma`, `mu_s`, `sigma_s`) are read whole with np.load, which only
+decompresses the member asked for.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+import zipfile
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+IMAGES_KEY = "arr_0"
+STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
+
+
+class BatchFileError(ValueError):
+    """An npz batch file that cannot be evaluated; the message says what to fix."""
+
+
+class NpzImages:
+    """The `arr_0` images of an ADM batch file, validated on open, read in batches.
+
+        with NpzImages("samples.npz", image_size=256) as images:
+            for batch in images.batches(64, limit=50000): ...
+    """
+
+    def __init__(self, path: str | os.PathLike, image_size: int | None = 256, role: str = "batch"):
+        self.path, self.role = Path(path), role
+        if not self.path.is_file():
+            raise FileNotFoundError(f"{role} file not found: '{self.path}'")
+        try:
+            self._zip = zipfile.ZipFile(self.path)
+        except zipfile.BadZipFile as err:
+            raise BatchFileError(f"{role} file '{self.path}' is not an .npz (zip) file ({err}); save images "
+                                 f"with np.savez(path, images) where images is uint8 [N, H, W, 3]") from err
+        names = self._zip.namelist()
+        member = IMAGES_KEY + ".npy"
+        if member not in names:
+            found = sorted(n[:-4] if n.endswith(".npy") else n for n in names)
+            self.close()
+            raise BatchFileError(f"{role} file '{self.path}' has no '{IMAGES_KEY}' array (found keys: {found}); "
+                                 f"ADM batch files store the images first: np.savez(path, images, labels)")
+        self._info = self._zip.getinfo(member)
+        self.stat_names = [k for k in STAT_KEYS if k + ".npy" in names]
+        try:
+            with self._zip.open(self._info) as f:
+                self.shape, self.dtype, _, self._streamable = _read_npy_header(f)
+            self._check(image_size)
+        except (BatchFileError, ValueError, OSError, zipfile.BadZipFile) as err:
+            self.close()
+            if isinstance(err, BatchFileError):
+                raise
+            raise BatchFileError(f"{role} file '{self.path}': cannot read the arr_0 header ({err})") from err
+        if not self._streamable:  # Fortran order: rows are not contiguous on disk
+            warnings.warn(f"{self.path}: arr_0 is stored in Fortran order and will be loaded whole; rewrite it "
+                          f"with np.savez(path, np.ascontiguousarray(images)) to stream it", stacklevel=2)
+
+    def _check(self, image_size: int | None) -> None:
+        where = f"{self.role} file '{self.path}'"
+        if self.dtype != np.uint8:
+            raise BatchFileError(f"{where}: arr_0 has dtype {self.dtype}, expected uint8 pixels 0..255; convert "
+                                 f"float images in [0, 1] with (x * 255).round().clip(0, 255).astype(np.uint8)")
+        if len(self.shape) != 4 or self.shape[-1] != 3:
+            raise BatchFileError(f"{where}: arr_0 has shape {self.shape}, expected [N, H, W, 3] (RGB, channels "
+                                 f"last); transpose NCHW data with x.transpose(0, 2, 3, 1)")
+        if self.shape[0] == 0:
+            raise BatchFileError(f"{where}: arr_0 holds no images")
+        if image_size and tuple(self.shape[1:3]) != (image_size, image_size):
+            raise BatchFileError(f"{where}: images are {self.shape[1]}x{self.shape[2]}, expected "
+                                 f"{image_size}x{image_size}; pass --image-size {self.shape[1]} if this is "
+                                 f"intended (the reference batch must match the samples' resolution)")
+
+    def __len__(self) -> int:
+        return int(self.shape[0])
+
+    def batches(self, batch_size: int, limit: int | None = None) -> Iterator[np.ndarray]:
+        """Yield writable uint8 arrays [<=batch_size, H, W, 3] for the first `limit` rows (default all)."""
+        n = len(self) if limit is None else limit
+        if n > len(self):
+            raise BatchFileError(f"{self.role} file '{self.path}' holds {len(self)} images, fewer than the "
+                                 f"{n} asked for; lower --num-samples or sample more images")
+        if not self._streamable:
+            with np.load(self.path) as npz:  # Fortran order: the same whole-array fallback as ADM
+                data = npz[IMAGES_KEY]
+            for start in range(0, n, batch_size):
+                yield np.ascontiguousarray(data[start:min(start + batch_size, n)])
+            return
+        row_bytes = int(np.prod(self.shape[1:])) * self.dtype.itemsize
+        with self._zip.open(self._info) as f:
+            _read_npy_header(f)  # skip to the data
+            for start in range(0, n, batch_size):
+                rows = min(batch_size, n - start)
+                buf = bytearray(rows * row_bytes)
+                got = f.readinto(memoryview(buf)) if hasattr(f, "readinto") else 0
+                while got < len(buf):
+                    chunk = f.read(len(buf) - got)
+                    if not chunk:
+                        raise BatchFileError(f"{self.role} file '{self.path}' is truncated: arr_0 ends at row "
+                                             f"{start + got // row_bytes} of {len(self)}; rewrite the file")
+                    buf[got:got + len(chunk)] = chunk
+                    got += len(chunk)
+                yield np.frombuffer(buf, dtype=self.dtype).reshape(rows, *self.shape[1:])
+
+    def read_stats(self) -> dict[str, np.ndarray]:
+        """Precomputed `mu`, `sigma`, `mu_s`, `sigma_s` present in the file (ADM reference batches)."""
+        if not self.stat_names:
+            return {}
+        with np.load(self.path) as data:
+            return {k: data[k] for k in self.stat_names}
+
+    def close(self) -> None:
+        self._zip.close()
+
+    def __enter__(self) -> "NpzImages":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _read_npy_header(f) -> tuple[tuple, np.dtype, bool, bool]:
+    """(shape, dtype, fortran_order, streamable) of an open .npy stream, positioned at the data."""
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+    elif version in ((2, 0), (3, 0)):  # v3 only allows utf-8 field names; an image header is ascii
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+    else:
+        raise BatchFileError(f"unsupported .npy format version {version}; rewrite the file with np.savez")
+    return tuple(shape), np.dtype(dtype), bool(fortran), not (fortran or dtype.hasobject)
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
+    """SHA-256 of a file's bytes, read in 16 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
