@@ -223,15 +223,11 @@ def check_files(ckpts: dict, ref: Path, args: argparse.Namespace) -> None:
 
 # ----------------------------------------------------------------------------- smoke inputs
 def atomic_write(path: Path, write) -> None:
-    """write(tmp) then rename: a reader never sees a half-written file."""
+    """The samplers' write-then-rename, creating the folder first."""
+    sys.path.insert(0, str(REPO))
+    from softcfg_patch.imagenet import atomic_write as write_then_rename
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    write_then_rename(path, write)
 
 
 def write_json(path: Path, data: dict) -> None:
