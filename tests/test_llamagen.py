@@ -93,9 +93,13 @@ def test_configs_carry_upstream_sampling_defaults(config, size, res):
 
 
 def test_vq16_keys_equal_upstream():
+    config = OmegaConf.load(ROOT / "configs" / "llamagen_xl.yaml").model.vq_model
     with torch.device("meta"):
-        model = VQModel()
-    assert {k: list(v.shape) for k, v in model.state_dict().items()} == KEYS["VQ-16"]
+        default, from_config = VQModel(), VQModel(**config)
+    for model in (default, from_config):
+        assert {k: list(v.shape) for k, v in model.state_dict().items()} == KEYS["VQ-16"]
+    tiny = OmegaConf.to_container(OmegaConf.load(TINY_CONFIG).model.vq_model)
+    assert tiny == SPEC["vq_config"]
 
 
 def test_protocol_constants_and_hooks(tiny):
@@ -117,6 +121,14 @@ def test_teacher_forced_full_pass_equals_golden(tiny):
     torch.testing.assert_close(logits[:, :N], GOLDEN["teacher.cond_logits"], atol=1e-4, rtol=1e-4)
 
 
+def write_multipliers(cache: sp.StaticKVCache, rows: slice, start: int, values: torch.Tensor) -> None:
+    """main's cache API (set_multipliers) or the core branch's (multipliers.write)."""
+    if hasattr(cache, "set_multipliers"):
+        cache.set_multipliers(rows, start, values)
+    else:
+        cache.multipliers.write(rows, start, values)
+
+
 def forced_step_logits(model: GPT, run: dict, tokens: torch.Tensor, confidence: torch.Tensor | None,
                        step_as_tensor: bool = False) -> torch.Tensor:
     """Feed the golden tokens through prefill + decode on the [cond; uncond] batch, setting the
@@ -133,7 +145,7 @@ def forced_step_logits(model: GPT, run: dict, tokens: torch.Tensor, confidence: 
     cache.advance(P)
     for t in range(1, N):
         if soft:
-            cache.set_multipliers(slice(B, 2 * B), P, image_position_weights(
+            write_multipliers(cache, slice(B, 2 * B), P, image_position_weights(
                 confidence[:, :t], soft["strength"], soft["step_norm"], 0.05, "source"))
         previous = torch.cat([tokens[:, t - 1]] * (2 if cfg else 1))
         steps.append(model.decode(previous, torch.tensor(t) if step_as_tensor else t, cache))
@@ -160,6 +172,30 @@ def test_decode_step_may_be_a_tensor(tiny):
         as_int = forced_step_logits(tiny, spec, tokens, confidence)
         as_tensor = forced_step_logits(tiny, spec, tokens, confidence, step_as_tensor=True)
     assert torch.equal(as_int, as_tensor)
+
+
+@pytest.mark.skipif(not hasattr(sp.StaticKVCache, "use_fixed_shape"), reason="needs the fixed-shape cache")
+def test_fixed_shape_decode_compiles_once_and_equals_golden(tiny):
+    """decode() with a 0-d step tensor traces into one graph (no branch on the step's value)
+    and the fixed-shape cache path gives the upstream logits."""
+    tokens, labels = GOLDEN["run1.tokens"], torch.tensor(RUNS["run1"]["labels"])
+    cache = sp.StaticKVCache(tiny.num_layers, 4, tiny.num_heads, P + N - 1, tiny.head_dim)
+    cache.use_fixed_shape()
+
+    def step_fn(previous, step):
+        cache.position.copy_(step + (P - 1))
+        return tiny.decode(previous, step, cache)
+
+    step_fn = torch.compile(step_fn, backend="eager", fullgraph=True)
+    step = torch.zeros((), dtype=torch.long)
+    with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
+        logits = [tiny.prefill(torch.cat([labels, tiny.none_condition_ids(labels)]), cache)]
+        cache.advance(P)
+        for t in range(1, N):
+            step.fill_(t)
+            logits.append(step_fn(torch.cat([tokens[:, t - 1]] * 2), step))
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.stack(logits, 1), GOLDEN["run1.step_logits"], atol=1e-4, rtol=1e-4)
 
 
 def test_grouped_query_attention_equals_expanded_heads():
@@ -206,6 +242,14 @@ def test_sampling_tokens_equal_golden(tiny, run):
     torch.manual_seed(spec["seed"])
     tokens = sp.generate(tiny, torch.tensor(spec["labels"]), guidance)
     assert torch.equal(tokens, GOLDEN[f"{run}.tokens"])
+
+
+@needs_core
+@pytest.mark.parametrize("option,value", [("top_p", 0.0), ("top_p", 1.5), ("top_k", -1)])
+def test_invalid_sampling_options_are_rejected(option, value):
+    with pytest.raises(ValueError, match=option) as err:
+        sp.Guidance(**{option: value})
+    assert "\n" not in str(err.value)
 
 
 # ------------------------------------------------------------ VQ
