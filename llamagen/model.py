@@ -165,8 +165,9 @@ class GPT(nn.Module):
         return self._run(x, self.rope[:1], cache)[:, -1]
 
     def decode(self, tokens: torch.Tensor, step: int | torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
-        # x_{step-1} sits at sequence position `step` (position 0 is the class). Indexing with
-        # a tensor keeps this free of Python branches on `step` (an int or a 0-d LongTensor).
+        # x_{step-1} sits at sequence position `step` (position 0 is the class); `step` is an
+        # int or a 0-d LongTensor. index_select, not rope[step]: torch.compile specialises a
+        # 0-d tensor used as a Python index on its value and would recompile every step.
         position = torch.as_tensor(step, device=self.rope.device).reshape(1)
         x = self.tok_embeddings(tokens)[:, None]
         return self._run(x, self.rope.index_select(0, position), cache)[:, -1]
@@ -212,8 +213,10 @@ def read_llamagen_state_dict(path: str | Path, *, what: str, source: str) -> dic
                 f"could not read {what} checkpoint '{path}' ({type(err.__cause__).__name__}; only tensors are "
                 f"loaded, with weights_only=True): the file is truncated, corrupt, not a PyTorch/safetensors "
                 f"checkpoint, or holds pickled objects; download it again from {source}") from err.__cause__
-        raise CheckpointError(f"{err}; expected a state dict of tensors, raw or under \"model\", \"module\" "
-                              f"or \"state_dict\", as in the files from {source}") from None
+        if "does not hold" in str(err):  # readable, but no state dict inside: say what is expected
+            raise CheckpointError(f"{err}; expected a state dict of tensors, raw or under \"model\", "
+                                  f"\"module\" or \"state_dict\", as in the files from {source}") from None
+        raise
     prefix = "_orig_mod."  # saved from a torch.compile'd module
     if state and all(k.startswith(prefix) for k in state):
         state = {k[len(prefix):]: v for k, v in state.items()}

@@ -93,7 +93,7 @@ class Level(nn.Module):
         super().__init__()
         self.res = nn.ModuleList(ResnetBlock(c_in if j == 0 else c_out, c_out) for j in range(num_blocks))
         self.attn = nn.ModuleList(AttnBlock(c_out) for _ in range(num_blocks if attention else 0))
-        self.resample_name = resample_name
+        self.resample_name = resample_name if resample is not None else None  # the upstream key name
         if resample is not None:
             setattr(self, resample_name, resample(c_out))
 
@@ -102,7 +102,7 @@ class Level(nn.Module):
             x = block(x)
             if len(self.attn):
                 x = self.attn[j](x)
-        if self.resample_name and hasattr(self, self.resample_name):
+        if self.resample_name is not None:
             x = getattr(self, self.resample_name)(x)
         return x
 
