@@ -183,13 +183,15 @@ class VQModel(nn.Module):
     """LlamaGen VQ (defaults: VQ-16 of vq_ds16_c2i.pt, 16384 x 8 codebook, downsampling 16)."""
 
     def __init__(self, codebook_size: int = 16384, codebook_embed_dim: int = 8,
-                 encoder_ch_mult: Sequence[int] = (1, 1, 2, 2, 4), decoder_ch_mult: Sequence[int] = (1, 1, 2, 2, 4),
+                 encoder_ch_mult: Sequence[int] = (1, 1, 2, 2, 4),
+                 decoder_ch_mult: Sequence[int] = (1, 1, 2, 2, 4),
                  z_channels: int = 256) -> None:
         super().__init__()
         self.codebook_size, self.codebook_embed_dim = codebook_size, codebook_embed_dim
         self.downsample = 2 ** (len(decoder_ch_mult) - 1)
         self.architecture = (f"LlamaGen VQ: codebook {codebook_size} x {codebook_embed_dim}, encoder_ch_mult "
-                             f"{list(encoder_ch_mult)}, decoder_ch_mult {list(decoder_ch_mult)}, z_channels {z_channels}")
+                             f"{list(encoder_ch_mult)}, decoder_ch_mult {list(decoder_ch_mult)}, "
+                             f"z_channels {z_channels}")
         self.encoder = Encoder(encoder_ch_mult, z_channels)
         self.decoder = Decoder(decoder_ch_mult, z_channels)
         self.quantize = VectorQuantizer(codebook_size, codebook_embed_dim)
@@ -218,13 +220,15 @@ class VQModel(nn.Module):
 
         Upstream's encode returns (quant, loss, info); these are its info[2] per image.
         """
-        if images.dim() != 4 or images.shape[1] != 3 or images.shape[2] % self.downsample or images.shape[3] % self.downsample:
+        f = self.downsample
+        if images.dim() != 4 or images.shape[1] != 3 or images.shape[2] % f or images.shape[3] % f:
             raise ValueError(f"expected images [B, 3, H, W] with H and W multiples of {self.downsample}, "
                              f"got {tuple(images.shape)}")
         return self.quantize.nearest(self.quant_conv(self.encoder(images.float())))
 
     def _check_codes(self, codes: torch.Tensor) -> torch.Tensor:
-        if not torch.is_tensor(codes) or codes.dtype.is_floating_point or codes.dtype == torch.bool or codes.dim() not in (2, 3):
+        integer = torch.is_tensor(codes) and not (codes.dtype.is_floating_point or codes.dtype == torch.bool)
+        if not integer or codes.dim() not in (2, 3):
             raise ValueError(f"codes must be an integer tensor [B, h*w] or [B, h, w], got "
                              f"{getattr(codes, 'dtype', type(codes).__name__)} {tuple(getattr(codes, 'shape', ()))}")
         if codes.numel() and (codes.min() < 0 or codes.max() >= self.codebook_size):

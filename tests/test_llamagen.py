@@ -301,6 +301,7 @@ def test_loads_ddp_fsdp_and_wrapped_files(tiny, tmp_path):
         "deepspeed.pt": {"module": state},
         "state_dict.pt": {"state_dict": {f"module.{k}": v for k, v in state.items()}},
         "fsdp.pt": state,
+        "compiled.pt": {"model": {f"_orig_mod.{k}": v for k, v in state.items()}},
     }
     with torch.no_grad():
         expected = tiny(GOLDEN["run1.tokens"], torch.tensor([3, 7]))
@@ -310,6 +311,10 @@ def test_loads_ddp_fsdp_and_wrapped_files(tiny, tmp_path):
         with torch.no_grad():
             assert torch.equal(model(GOLDEN["run1.tokens"], torch.tensor([3, 7])), expected), name
     assert load_gpt(cfg, TINY_WEIGHTS).rope.device.type == "cpu"
+    save_file({k: v.bfloat16() for k, v in state.items()}, tmp_path / "bf16.safetensors")
+    model = load_gpt(cfg, tmp_path / "bf16.safetensors")
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    torch.testing.assert_close(model.output.weight, state["output.weight"], atol=0.02, rtol=0.01)
 
 
 def test_harmless_upstream_extras_are_dropped_and_named(tiny, tmp_path):
