@@ -315,3 +315,16 @@ def test_torchrun_prints_the_reason_once(tmp_path):
     assert proc.stderr.count("error: 1 input file problem(s)") == 1, proc.stderr
     assert "Traceback" not in proc.stderr.split("error: 1 input file")[0]  # none from our processes
     assert proc.returncode == 1 and "ChildFailedError" in proc.stderr  # torchrun's own summary (README)
+
+
+def test_table_runs_that_share_samples_give_the_sampler_the_same_settings():
+    """scripts/run_setting.py shares one run between settings that differ only in unused keys;
+    the sampler must then see identical guidance, or its manifest would refuse the second."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import run_setting
+    cfg = {**run_setting.GUIDANCE_DEFAULTS, "guidance_scale": 13.0, "guidance_scale_pow": 1.4}
+    a, b = {**cfg, "step_norm": False}, {**cfg, "softcfg_target": "k", "softcfg_min_weight": 0.1}
+    assert run_setting.run_name("alitok_xl", False, a, 0, 4, 4) == run_setting.run_name("alitok_xl", False, b, 0, 4, 4)
+    assert run_setting.sampler_guidance(a) == run_setting.sampler_guidance(b) == cfg
+    soft = {**cfg, "softcfg_strength": 1.0, "step_norm": False}
+    assert run_setting.sampler_guidance(soft) == soft  # every key matters for SoftCFG
