@@ -163,15 +163,25 @@ def method_kind(guidance: dict) -> str:
     return "softcfg" if guidance["softcfg_strength"] > 0 else "cfg"
 
 
+SOFTCFG_ONLY = ("softcfg_strength", "step_norm", "softcfg_confidence", "softcfg_align",
+                "softcfg_min_weight", "softcfg_target")
+
+
+def unused_guidance_keys(guidance: dict) -> tuple:
+    """Settings that cannot change this run's images (so runs that differ only there share samples)."""
+    kind = method_kind(guidance)
+    return (SOFTCFG_ONLY if kind != "softcfg" else ()) + (("guidance_scale_pow",) if kind == "noguidance" else ())
+
+
+def sampler_guidance(guidance: dict) -> dict:
+    """What the sampler is given: unused keys at their defaults, so the output folder's manifest
+    is the same for every setting that shares the run (the sampler refuses a mismatch)."""
+    return {k: (GUIDANCE_DEFAULTS[k] if k in unused_guidance_keys(guidance) else v) for k, v in guidance.items()}
+
+
 def run_name(model: str, smoke: bool, guidance: dict, seed: int, num: int, batch: int) -> str:
     """Readable and unique: everything that changes the images is in the digest."""
-    images_depend_on = dict(guidance)
-    if method_kind(guidance) != "softcfg":  # SoftCFG options cannot change a CFG sample: share it
-        for key in ("softcfg_strength", "step_norm", "softcfg_confidence", "softcfg_align",
-                    "softcfg_min_weight", "softcfg_target"):
-            images_depend_on.pop(key)
-    if method_kind(guidance) == "noguidance":  # one branch: the schedule is never used
-        images_depend_on.pop("guidance_scale_pow")
+    images_depend_on = {k: v for k, v in guidance.items() if k not in unused_guidance_keys(guidance)}
     key = json.dumps({"model": model, "smoke": smoke, "guidance": images_depend_on, "seed": seed,
                       "num_samples": num, "per_proc_batch_size": batch}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:10]
@@ -331,7 +341,7 @@ def sample(args, config_file: Path, ckpts: dict, guidance: dict, batch: int, out
         launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}"]
     cmd = launcher + [script, "--config", config_file, f"--experiment.output_dir={out}"]
     cmd += [f"--{key}={path}" for key, path in ckpts.items()]
-    cmd += [f"--model.generator.{k}={v}" for k, v in guidance.items()]
+    cmd += [f"--model.generator.{k}={v}" for k, v in sampler_guidance(guidance).items()]
     cmd += [f"--sample.num_fid_samples={args.num_samples}", f"--sample.seed={args.seed}",
             f"--sample.per_proc_batch_size={batch}"]
     if args.device != "auto":

@@ -28,6 +28,8 @@ def read_state_dict(path: str | Path, *, what: str, source: str) -> dict[str, to
         raise FileNotFoundError(
             f"{what} checkpoint not found: '{path}'. Download the official file from {source} "
             f"and pass its path (nothing is downloaded automatically).")
+    if looks_like_html(path):
+        raise CheckpointError(html_message(path, what, source))
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -40,6 +42,24 @@ def read_state_dict(path: str | Path, *, what: str, source: str) -> dict[str, to
             f"truncated, corrupt or not a PyTorch/safetensors checkpoint; download it again from "
             f"{source}.") from err
     return _unwrap(state, path, what)
+
+
+def looks_like_html(path: str | Path) -> bool:
+    """True for a web page saved under a checkpoint's name (a download link that led to a
+    sign-in or "virus scan" page instead of the file). Reads the first kilobyte only."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1024)
+    except OSError:
+        return False
+    head = head.lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    return head.startswith((b"<!doctype html", b"<html", b"<head")) or (
+        head.startswith(b"<") and b"<html" in head)
+
+
+def html_message(path: str | Path, what: str, source: str) -> str:
+    return (f"{what} '{path}' is not a checkpoint: it looks like an HTML page; use the direct download "
+            f"link (from {source}) and save the file itself")
 
 
 def _unwrap(state, path: Path, what: str) -> dict[str, torch.Tensor]:

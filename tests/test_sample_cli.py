@@ -2,6 +2,7 @@
 CLI parsing, determinism across process counts, resume, npz, and every bad input."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -53,6 +54,23 @@ def read_outputs(out):
     with np.load(f"{out}_tokens.npz") as npz:
         tokens, labels = npz["tokens"], npz["labels"]
     return images, tokens, labels
+
+
+def assert_close_images(a, b):
+    """Decoded pixels from different processes or thread counts: a float32 sum may round
+    differently (1 ulp), and the truncating uint8 conversion turns that into one level in
+    a few pixels. Allow exactly that, nothing more."""
+    assert a.shape == b.shape and a.dtype == b.dtype == np.uint8
+    diff = np.abs(a.astype(np.int16) - b.astype(np.int16))
+    assert diff.max() <= 1, f"pixels differ by up to {diff.max()} levels"
+    assert np.count_nonzero(diff) <= max(10, a.size // 10_000), f"{np.count_nonzero(diff)} values differ"
+
+
+def assert_same_samples(out_a, out_b):
+    """Tokens and labels exactly; images within one level (see assert_close_images)."""
+    (images_a, tokens_a, labels_a), (images_b, tokens_b, labels_b) = read_outputs(out_a), read_outputs(out_b)
+    assert np.array_equal(tokens_a, tokens_b) and np.array_equal(labels_a, labels_b)
+    assert_close_images(images_a, images_b)
 
 
 # ------------------------------------------------------------------- parsing
@@ -107,7 +125,7 @@ def test_outputs_are_pngs_npz_and_tokens_from_the_documented_seeds(single_run, t
     images, tokens, labels = read_outputs(single_run)
     assert images.shape == (5, 256, 256, 3) and images.dtype == np.uint8
     assert tokens.shape == (5, 273) and list(labels) == [0, 1, 2, 3, 4]
-    for i in range(5):
+    for i in range(5):  # same process wrote both: exact
         assert np.array_equal(np.asarray(Image.open(single_run / f"{i:06d}.png")), images[i])
     # Batch k (size 2) is sample.seed-and-k seeded: recompute batch 1 independently.
     g = sp.Guidance(guidance_scale=3.0, guidance_scale_pow=1.0, softcfg_strength=1.0)
@@ -118,15 +136,24 @@ def test_outputs_are_pngs_npz_and_tokens_from_the_documented_seeds(single_run, t
     tok = load_tokenizer(ROOT / "tests/fixtures/alitok_tokenizer_tiny_weights.safetensors", encoder_width=64,
                          encoder_layers=1, encoder_heads=4, decoder_width=64, decoder_layers=2,
                          decoder_heads=4, token_size=8, codebook_size=64)
-    assert np.array_equal(to_uint8_hwc(tok.decode_tokens(expected)).numpy(), images[2:4])
+    # decoded here with this process's threads, there with one: pixels within one level
+    assert_close_images(to_uint8_hwc(tok.decode_tokens(expected)).numpy(), images[2:4])
+    with np.load(f"{single_run}.npz") as npz:  # ADM's arr_0 plus labels and the run manifest
+        assert list(npz["labels"]) == [0, 1, 2, 3, 4] and npz["labels"].dtype == np.int64
+        manifest = json.loads(str(npz["manifest"]))
+    assert manifest == json.loads((single_run / "manifest.json").read_text())
+    assert manifest["images"]["sample.seed"] == 0 and manifest["images"]["sample.per_proc_batch_size"] == 2
+    assert manifest["images"]["model.generator.softcfg_strength"] == 1.0
+    assert len(manifest["images"]["generator.sha256"]) == 64 and manifest["images"]["tokenizer.size"] > 0
+    with np.load(f"{single_run}_tokens.npz") as npz:
+        assert json.loads(str(npz["manifest"])) == manifest
 
 
 def test_two_processes_give_the_same_samples_as_one(single_run, tmp_path):
     out = tmp_path / "ddp"
     run_cli("--config", TINY, f"--experiment.output_dir={out}", "--sample.num_fid_samples=5",
             "--sample.save_tokens=True", "--model.generator.softcfg_strength=1", nproc=2)
-    for a, b in zip(read_outputs(single_run), read_outputs(out)):
-        assert np.array_equal(a, b)
+    assert_same_samples(single_run, out)
 
 
 def test_resume_fills_in_deleted_pngs_and_keeps_the_rest(single_run, tmp_path):
@@ -140,8 +167,7 @@ def test_resume_fills_in_deleted_pngs_and_keeps_the_rest(single_run, tmp_path):
                    "--sample.save_tokens=True", "--model.generator.softcfg_strength=1")
     assert "resuming: 1 of 3 batches" in proc.stdout
     assert (out / "000002.png").stat().st_mtime_ns == kept
-    for a, b in zip(read_outputs(single_run), read_outputs(out)):
-        assert np.array_equal(a, b)
+    assert_same_samples(single_run, out)
 
 
 def test_resume_after_a_killed_run(single_run, tmp_path):
@@ -159,8 +185,7 @@ def test_resume_after_a_killed_run(single_run, tmp_path):
     for png in out.glob("*.png"):  # every file that has its final name is complete
         assert np.asarray(Image.open(png)).shape == (256, 256, 3)
     run_cli(*args[2:])
-    for a, b in zip(read_outputs(single_run), read_outputs(out)):
-        assert np.array_equal(a, b)
+    assert_same_samples(single_run, out)
 
 
 def test_tokens_only_mode_writes_no_images(tmp_path):
