@@ -15,7 +15,10 @@ pieces, without touching its modeling code:
 Two drivers use them: `generate()` (a batched [cond; uncond] loop for causal LMs
 whose image tokens are ordinary vocabulary entries) and `SoftCFGLogitsProcessor`
 (plugs into stock `model.generate`, including Janus image mode: softcfg_patch.hf_janus,
-re-exported here as `janus_generate_images` / `janus_softcfg`).
+re-exported here as `janus_generate_images` / `janus_softcfg`). Pipelines that do CFG
+the unbatched way (Emu3-Gen, Chameleon/Anole, Lumina-mGPT) swap transformers'
+`UnbatchedClassifierFreeGuidanceLogitsProcessor` for `SoftCFGUnbatchedLogitsProcessor`
+(softcfg_patch.hf_unbatched, re-exported here).
 
 Example, SoftCFG for your own model::
 
@@ -42,7 +45,7 @@ with `do_sample=False`; the processor samples and forces its token on both rows.
 from __future__ import annotations
 
 import inspect
-from typing import Iterable, Optional, Sequence, Union
+from typing import Callable, Iterable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -57,7 +60,8 @@ except ImportError as exc:  # the base install does not include transformers
 
 from .cache import MultiplierTable
 from .guidance import Guidance
-from .step import Schedule, StepHook, guide, position_weights, record_confidence, sample
+from .step import (Schedule, StepHook, filter_logits, mix, position_weights, record_confidence,
+                   sample, temperature)
 
 MIN_TRANSFORMERS = (5, 22)
 if tuple(int(p) for p in transformers.__version__.split(".")[:2] if p.isdigit()) < MIN_TRANSFORMERS:
@@ -69,8 +73,12 @@ Rows = Union[torch.Tensor, Sequence[int]]
 __all__ = [
     "SoftCFGCache", "SoftCFGStaticCache", "SoftCFGSampler", "SoftCFGLogitsProcessor",
     "generated_position_weights", "cfg_batch", "make_cache", "cache_argument", "generate",
-    "janus_softcfg", "janus_generate_images",
+    "janus_softcfg", "janus_generate_images", "SoftCFGUnbatchedLogitsProcessor",
 ]
+
+# constraint(tokens so far [B, t], guided logits [B, V]) -> guided logits: e.g. a prefix
+# constraint, applied after the mix and before temperature / top-k / top-p.
+Constraint = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 # --------------------------------------------------------------------------- caches
@@ -203,15 +211,19 @@ class SoftCFGSampler:
     last-position logits of all rows; it returns the B sampled tokens and, with SoftCFG
     on, has already written the multipliers for the next forward into `cache`. The
     stages and their order are softcfg_patch.step's, as in the ImageNet sampler;
-    `on_step(step, cond, uncond, guided, tokens, cache)` is the hook of every driver.
+    `on_step(step, cond, uncond, guided, tokens, cache)` is the hook of every driver;
+    `constraint(tokens, guided)` (optional) restricts the guided logits before the
+    temperature, as a `generate` logits processor after a CFG processor would.
     """
 
     def __init__(self, guidance: Guidance, num_steps: int, cond_rows: Rows,
                  uncond_rows: Optional[Rows] = None, cache: Optional[_MultiplierTableMixin] = None,
                  generator: Optional[torch.Generator] = None,
                  structural_token_ids: Iterable[int] = (),
-                 prompt_length: Optional[int] = None, on_step: Optional[StepHook] = None) -> None:
+                 prompt_length: Optional[int] = None, on_step: Optional[StepHook] = None,
+                 constraint: Optional[Constraint] = None) -> None:
         self.guidance = guidance
+        self.constraint = constraint
         self.num_steps = int(num_steps)
         self.cond_rows = torch.as_tensor(cond_rows, dtype=torch.long).flatten()
         # Kept even without guidance: both rows of a pair must still receive the token.
@@ -253,7 +265,10 @@ class SoftCFGSampler:
             self.prompt_length = int(self.cache.get_seq_length())
         cond = logits[self.cond_rows]
         uncond = logits[self.uncond_rows] if g.uses_cfg else None
-        guided = guide(cond, uncond, t, self.schedule, g)
+        mixed = mix(cond, uncond, t, self.schedule)
+        if self.constraint is not None:
+            mixed = self.constraint(self.tokens[:, :t], mixed)
+        guided = filter_logits(temperature(mixed, g), g.top_k, g.top_p)
         token = sample(guided, self.generator)
         self.tokens[:, t] = token
         self.step = t + 1
@@ -381,7 +396,8 @@ def generate(model: torch.nn.Module, cond_ids: torch.Tensor, uncond_ids: Optiona
              uncond_attention_mask: Optional[torch.Tensor] = None,
              cache_implementation: str = "dynamic",
              pad_token_id: Optional[int] = None,
-             on_step: Optional[StepHook] = None) -> torch.Tensor:
+             on_step: Optional[StepHook] = None,
+             logits_processor: Optional[Callable] = None) -> torch.Tensor:
     """Sample `max_new_tokens` tokens per prompt with CFG / SoftCFG. Returns LongTensor [B, N].
 
     For causal LMs whose image tokens are ordinary vocabulary entries. The batch is
@@ -389,6 +405,10 @@ def generate(model: torch.nn.Module, cond_ids: torch.Tensor, uncond_ids: Optiona
     the conditional rows run. Sampling is multinomial with `generator` (global RNG if
     None). Tokens in `structural_token_ids` keep weight 1 and stay out of the
     normalisation. `on_step(step, cond, uncond, guided, tokens, cache)` sees every step.
+    `logits_processor` (a transformers `LogitsProcessor` or list, e.g. Emu3's
+    `PrefixConstrainedLogitsProcessor`) is applied to the guided logits before the
+    temperature, called with the conditional prompt (as given) plus the tokens so far,
+    as in stock `generate` with a CFG processor first in its list.
     """
     if guidance.uses_cfg and uncond_ids is None:
         raise ValueError(f"uncond_ids is None but guidance_scale is {guidance.guidance_scale}: "
@@ -407,8 +427,12 @@ def generate(model: torch.nn.Module, cond_ids: torch.Tensor, uncond_ids: Optiona
         cond_rows, uncond_rows = torch.arange(batch), None
     prompt_length = ids.shape[1]
     cache = make_cache(model, guidance, cache_implementation, prompt_length + max_new_tokens)
+    constraint = None
+    if logits_processor is not None:
+        def constraint(tokens: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+            return logits_processor(torch.cat([cond_ids.to(tokens.device), tokens], dim=1), logits)
     sampler = SoftCFGSampler(guidance, max_new_tokens, cond_rows, uncond_rows, cache, generator,
-                             structural_token_ids, prompt_length, on_step)
+                             structural_token_ids, prompt_length, on_step, constraint)
     positions = (mask.cumsum(-1) - 1).clamp_min(0)  # left padding: real tokens start at 0
     # The mask covers every position the loop will write (later ones are hidden by
     # causality), so decode steps keep one input shape: a compiled forward over a
@@ -437,3 +461,4 @@ def _forward(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor,
 
 # Janus glue lives in hf_janus.py; kept importable from here.
 from .hf_janus import janus_generate_images, janus_softcfg  # noqa: E402
+from .hf_unbatched import SoftCFGUnbatchedLogitsProcessor  # noqa: E402
