@@ -112,6 +112,10 @@ class SoftCFGUnbatchedLogitsProcessor(LogitsProcessor):
         t = self.step
         if t == 0:
             _check_generate_settings(self, input_ids.shape[0])
+            self._cond_length = input_ids.shape[1]
+        elif input_ids.shape[1] != self._cond_length + t:
+            raise RuntimeError("a SoftCFGUnbatchedLogitsProcessor serves one generate call (it holds "
+                               "that call's unconditional cache); build a new one for each call")
         elif self.max_new_tokens is not None and t >= self.max_new_tokens:
             raise RuntimeError(f"called for token {t + 1} but max_new_tokens={self.max_new_tokens}: "
                                f"pass the same max_new_tokens to the processor and to generate")
@@ -155,14 +159,14 @@ class SoftCFGUnbatchedLogitsProcessor(LogitsProcessor):
             self._positions = (mask.cumsum(-1) - 1).clamp_min(0)
             self._prompt_length = ids.shape[1]
         else:
-            ones = torch.ones_like(input_ids[:, -1:])
-            self._mask = torch.cat([self._mask, ones], dim=1)
+            new = input_ids[:, -1:]
+            self._mask = torch.cat([self._mask, torch.ones_like(new)], dim=1)
             self._positions = torch.cat([self._positions, self._positions[:, -1:] + 1], dim=1)
-            self._ids = torch.cat([self._ids, input_ids[:, -1:]], dim=1)
+            # with a cache only x_{t-1} goes in; without, the whole sequence again
+            self._ids = new if self.use_cache else torch.cat([self._ids, new], dim=1)
         if self.use_cache:
-            new = self._ids.shape[1] if self.step == 0 else 1
-            return _forward(self.model, self._ids[:, -new:], self._mask, self._positions[:, -new:],
-                            self.cache)
+            return _forward(self.model, self._ids, self._mask,
+                            self._positions[:, -self._ids.shape[1]:], self.cache)
         out = self.model(input_ids=self._ids, attention_mask=self._mask,
                          position_ids=self._positions, use_cache=False)
         return out.logits[:, -1]

@@ -282,3 +282,11 @@ def test_t2i_emu3_needs_a_local_model(tmp_path, capsys):
         t2i_emu3.main(["--tiny", "--softcfg-strength", "-1"])
     assert str(bad.value.code).startswith("error: softcfg_strength")
     assert not list(tmp_path.iterdir())
+
+
+def test_a_processor_serves_one_generate_call():
+    model = tiny("llama")
+    processor = SoftCFGUnbatchedLogitsProcessor(Guidance(guidance_scale_pow=0.0), model)
+    run_generate(model, processor)
+    with pytest.raises(RuntimeError, match="build a new one for each call"):
+        run_generate(model, processor)
