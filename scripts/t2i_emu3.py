@@ -37,12 +37,6 @@ POSITIVE_SUFFIX = " masterpiece, film grained, best quality."
 NEGATIVE_PROMPT = ("lowres, bad anatomy, bad hands, text, error, missing fingers, extra digit, "
                    "fewer digits, cropped, worst quality, low quality, normal quality, jpeg "
                    "artifacts, signature, watermark, username, blurry.")
-MISSING_MODEL = (
-    "error: no Emu3 model folder at {model!r} (this script never downloads).\n"
-    "On a machine with internet run:\n"
-    "    huggingface-cli download {hub} --local-dir Emu3-Gen-hf\n"
-    "(about 35 GB; or `hf download {hub}`), copy the folder here and pass --model /path/to/Emu3-Gen-hf"
-)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -51,7 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", help=f"local folder of {HUB_ID}; get it with "
                                     f"`huggingface-cli download {HUB_ID} --local-dir Emu3-Gen-hf`")
     p.add_argument("--tiny", action="store_true", help="tiny random Emu3 (CI; images are noise)")
-    p.add_argument("--prompt", action="append", help="repeat for a batch of prompts")
+    p.add_argument("--prompt", action="append", help="repeat for a batch of prompts (default: the example's)")
     p.add_argument("--positive-suffix", default=POSITIVE_SUFFIX)
     p.add_argument("--negative-prompt", default=NEGATIVE_PROMPT)
     p.add_argument("--driver", choices=("unbatched", "batched", "both"), default="both")
@@ -73,6 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="auto: bfloat16 on cuda, float32 on cpu")
     p.add_argument("--out", default="emu3_softcfg.png")
     args = p.parse_args(argv)
+    if args.tiny and args.prompt:
+        p.error("--tiny uses fixed random prompt ids; --prompt needs --model")
     if not args.tiny and not args.model:
         p.error(f"--model is required (or --tiny); get the weights with "
                 f"`huggingface-cli download {HUB_ID} --local-dir Emu3-Gen-hf`")
@@ -94,7 +90,9 @@ class Emu3Request:
     eoi: int
     eos: int
     pad: int
-    visual: list
+    visual: "list | torch.Tensor"  # the visual token ids
+    pixel_mean: tuple = (0.5, 0.5, 0.5)  # the VQ decoder's output normalisation
+    pixel_std: tuple = (0.5, 0.5, 0.5)
 
     @property
     def num_tokens(self) -> int:
@@ -142,8 +140,17 @@ def tiny_emu3(seed: int = 0):
     return model, request
 
 
+MISSING_MODEL = (
+    "error: no Emu3 model folder at {model!r} (this script never downloads).\n"
+    "On a machine with internet run:\n"
+    "    huggingface-cli download {hub} --local-dir Emu3-Gen-hf\n"
+    "(about 35 GB; or `hf download {hub}`), copy the folder here and pass --model /path/to/Emu3-Gen-hf"
+)
+
+
 def load(args, device: str, dtype):
     """Emu3-Gen and the request for --prompt from a local folder; SystemExit with a how-to if absent."""
+    import torch
     from transformers import Emu3ForConditionalGeneration, Emu3Processor
 
     if not Path(args.model).is_dir():
@@ -156,19 +163,21 @@ def load(args, device: str, dtype):
         reason = str(exc).splitlines()[0] if str(exc) else ""
         raise SystemExit(MISSING_MODEL.format(model=args.model, hub=HUB_ID)
                          + f"\n({type(exc).__name__}: {reason})") from None
+    processor.tokenizer.padding_side = "left"  # generate appends at the end of every row
     kwargs = dict(return_for_image_generation=True, ratio=args.ratio, image_area=args.image_area,
                   padding=True, return_tensors="pt")
     prompts = [p + args.positive_suffix for p in args.prompt or ["a portrait of young girl."]]
     cond = processor(text=prompts, **kwargs)
     neg = processor(text=[args.negative_prompt], **kwargs)
     height, width = cond["image_sizes"][0]
-    tok = processor.tokenizer
+    tok, pixels = processor.tokenizer, processor.image_processor
     request = Emu3Request(
         cond["input_ids"], cond["attention_mask"], neg["input_ids"], neg["attention_mask"],
         int(height), int(width), wrapper=tok.convert_tokens_to_ids(processor.fake_token_around_image),
         eol=model.vocabulary_mapping.eol_token_id, eof=tok.convert_tokens_to_ids(processor.eof_token),
         eoi=tok.convert_tokens_to_ids(processor.image_end_token), eos=tok.eos_token_id,
-        pad=tok.pad_token_id, visual=model.vocabulary_mapping.image_tokens)
+        pad=tok.pad_token_id, visual=torch.tensor(model.vocabulary_mapping.image_tokens, device=device),
+        pixel_mean=tuple(pixels.image_mean), pixel_std=tuple(pixels.image_std))
     return model.to(device).eval(), request
 
 
@@ -224,14 +233,14 @@ def run_batched(model, request: Emu3Request, args, device: str):
 
 
 def decode(model, tokens, request: Emu3Request):
-    """uint8 images [B, H, W, 3] from the generated grids (pixels in [-1, 1])."""
+    """uint8 images [B, H, W, 3] from the generated grids (undoing the image processor's normalisation)."""
     import torch
 
     with torch.no_grad():
         pixels = model.decode_image_tokens(image_tokens=tokens, height=request.height,
-                                           width=request.width).float()
-    pixels = pixels.permute(0, 2, 3, 1)
-    return ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
+                                           width=request.width).float().permute(0, 2, 3, 1)
+    pixels = pixels * pixels.new_tensor(request.pixel_std) + pixels.new_tensor(request.pixel_mean)
+    return (pixels * 255).round().clamp(0, 255).to(torch.uint8).cpu().numpy()
 
 
 def run(args: argparse.Namespace) -> dict:
