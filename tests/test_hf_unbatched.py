@@ -164,18 +164,23 @@ def test_strength_zero_gives_transformers_tokens(kind, layout):
     assert len(set(runs[0][0, cond.shape[1]:].tolist())) > 2  # really sampled
 
 
-@pytest.mark.parametrize("kind,target,layout,copies", [
-    ("llama", "v", "rows", 1),
-    ("llama", "k", "one", 2),
-    ("emu3", "v", "none", 1),
-    ("emu3", "kv", "rows", 2),
-    ("chameleon", "v", "one", 1),
+PAPER_TEXT = dict(step_norm=False, softcfg_confidence="max", softcfg_align="token")
+
+
+@pytest.mark.parametrize("kind,target,layout,copies,variant", [
+    ("llama", "v", "rows", 1, {}),
+    ("llama", "k", "one", 2, {}),
+    ("llama", "v", "rows", 1, PAPER_TEXT),
+    ("emu3", "v", "none", 1, {}),
+    ("emu3", "kv", "rows", 2, {}),
+    ("chameleon", "v", "one", 1, {}),
 ])
-def test_strength_one_matches_batched_driver_teacher_forced(kind, target, layout, copies):
+def test_strength_one_matches_batched_driver_teacher_forced(kind, target, layout, copies, variant):
     """strength 1, step norm: the guided log-softmax of every step equals the batched driver's."""
     model = tiny(kind)
-    g = Guidance(guidance_scale=3.0, guidance_scale_pow=1.0, randomize_temperature=0.8,
-                 softcfg_strength=1.0, step_norm=True, softcfg_target=target)
+    g = Guidance(**{**dict(guidance_scale=3.0, guidance_scale_pow=1.0, randomize_temperature=0.8,
+                           softcfg_strength=1.0, step_norm=True, softcfg_target=target),
+                    **variant})
     tokens = forced_tokens(COND.shape[0] * copies, 9)
     got = unbatched_forced(model, g, UNCOND[layout], tokens, copies)
     assert_same_steps(got, batched_forced(model, g, UNCOND[layout], tokens, copies))
