@@ -6,7 +6,7 @@ State-dict keys equal the official `alitok_{b,l,xl}.bin`, so they load strictly.
 
 Sampling (CFG, SoftCFG) lives in `softcfg_patch`; this file only implements the
 `softcfg_patch.GuidedModel` protocol: `prefill` and `decode` write into a
-`StaticKVCache` through `cache.attend`.
+`StaticKVCache` through `causal_attention`.
 """
 from __future__ import annotations
 
@@ -112,9 +112,16 @@ class ARModel(nn.Module):
     def prefill(self, condition_ids: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
         return self._run(self.embeddings(condition_ids)[:, None], self.rope[:1], cache)[:, -1]
 
-    def decode(self, tokens: torch.Tensor, step: int, cache: StaticKVCache) -> torch.Tensor:
-        # x_{step-1} sits at position `step` (position 0 is the condition).
-        return self._run(self.embeddings(tokens)[:, None], self.rope[step:step + 1], cache)[:, -1]
+    def decode(self, tokens: torch.Tensor, step, cache: StaticKVCache) -> torch.Tensor:
+        # x_{step-1} sits at position `step` (position 0 is the condition); `step` is an
+        # int or a 0-d tensor (fixed-shape decoding), the row is the same either way.
+        return self._run(self.embeddings(tokens)[:, None], self.rope[step].unsqueeze(0), cache)[:, -1]
+
+    def rng_preamble(self, num_rows: int, generator: torch.Generator | None,
+                     device: torch.device) -> None:
+        """Upstream draws B uniforms for its (probability 0) label dropout before the loop;
+        drawing them too keeps the token stream identical to upstream for a seed."""
+        torch.rand(num_rows, generator=generator, device=device)
 
     # -- full pass -----------------------------------------------------------------------
     def forward(self, tokens: torch.Tensor, condition_ids: torch.Tensor) -> torch.Tensor:

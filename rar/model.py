@@ -8,7 +8,7 @@ the official `rar_{b,l,xl,xxl}.bin`, so they load strictly.
 
 Sampling (CFG, SoftCFG) lives in `softcfg_patch`; this file only implements the
 `softcfg_patch.GuidedModel` protocol: `prefill` and `decode` write into a
-`StaticKVCache` through `cache.attend`. Only raster order is implemented (sampling
+`StaticKVCache` through `causal_attention`. Only raster order is implemented (sampling
 and the annealed-out end of training); RAR's random-permutation training is not.
 """
 from __future__ import annotations
@@ -134,14 +134,23 @@ class RAR(nn.Module):
         cond = self.embeddings(condition_ids)[:, None]
         cache.state["condition"] = cond  # adaLN needs it at every later step
         x = torch.cat([self.cls_token.expand(cond.shape[0], -1, -1), cond], dim=1)
-        return self._run(x, cond, 0, cache)[:, -1]
+        return self._run(x, cond, torch.arange(2, device=x.device), cache)[:, -1]
 
-    def decode(self, tokens: torch.Tensor, step: int, cache: StaticKVCache) -> torch.Tensor:
-        # x_{step-1} sits at position step + 1 (after cls and condition).
+    def decode(self, tokens: torch.Tensor, step, cache: StaticKVCache) -> torch.Tensor:
+        # x_{step-1} sits at position step + 1 (after cls and condition); `step` is an int
+        # or a 0-d tensor (fixed-shape decoding).
         cond = cache.state.get("condition")
         if cond is None:
             raise RuntimeError("RAR.decode() needs a cache that went through RAR.prefill() first")
-        return self._run(self.embeddings(tokens)[:, None], cond, step + 1, cache)[:, -1]
+        position = ((step + 1).view(1) if torch.is_tensor(step)
+                    else torch.arange(step + 1, step + 2, device=tokens.device))
+        return self._run(self.embeddings(tokens)[:, None], cond, position, cache)[:, -1]
+
+    def rng_preamble(self, num_rows: int, generator: torch.Generator | None,
+                     device: torch.device) -> None:
+        """Upstream draws B uniforms for its (probability 0) label dropout before the loop;
+        drawing them too keeps the token stream identical to upstream for a seed."""
+        torch.rand(num_rows, generator=generator, device=device)
 
     # -- full pass -----------------------------------------------------------------------
     def forward(self, tokens: torch.Tensor, condition_ids: torch.Tensor) -> torch.Tensor:
@@ -152,28 +161,26 @@ class RAR(nn.Module):
         """
         emb = self.embeddings(torch.cat([condition_ids[:, None], tokens], dim=1))
         x = torch.cat([self.cls_token.expand(emb.shape[0], -1, -1), emb], dim=1)
-        return self._run(x, emb[:, :1], 0, None, drop_cls=True)
+        return self._run(x, emb[:, :1], torch.arange(x.shape[1], device=x.device), None, drop_cls=True)
 
-    def _run(self, x: torch.Tensor, cond: torch.Tensor, start: int, cache: StaticKVCache | None,
-             drop_cls: bool = False) -> torch.Tensor:
-        """Blocks and head over x [B, T, D] holding sequence positions [start, start + T)."""
-        end = start + x.shape[1]
-        x = x + self.pos_embed[:, start:end]
-        x = x + self._target_aware(start, end)
-        c = cond + self.timesteps_embeddings[:, start:end]
+    def _run(self, x: torch.Tensor, cond: torch.Tensor, positions: torch.Tensor,
+             cache: StaticKVCache | None, drop_cls: bool = False) -> torch.Tensor:
+        """Blocks and head over x [B, T, D] holding the sequence positions `positions` [T]."""
+        x = x + self.pos_embed[:, positions]
+        x = x + self._target_aware(positions)
+        c = cond + self.timesteps_embeddings[:, positions]
         for layer, block in enumerate(self.blocks):
             x = block(x, c, cache, layer)
         if drop_cls:
             x, c = x[:, 1:], c[:, 1:]
         return self.lm_head(self.adaln_before_head(x, c))
 
-    def _target_aware(self, start: int, end: int) -> torch.Tensor:
+    def _target_aware(self, j: torch.Tensor) -> torch.Tensor:
         """Position j carries the embedding of the position it predicts, table row j + 1.
 
         Only the condition and token positions predict something in the image
         (1 <= j <= N); cls and the position past the last token get zero.
         """
-        j = torch.arange(start, end, device=self.target_aware_pos_embed.device)
         predicts = (j >= 1) & (j <= self.num_image_tokens)
         rows = self.target_aware_pos_embed[0, j + 1]  # j + 1 <= N + 2, inside the N + 1024 table
         return torch.where(predicts[:, None], rows, torch.zeros_like(rows))[None]

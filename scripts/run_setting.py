@@ -49,7 +49,11 @@ GUIDANCE_DEFAULTS = {
     "guidance_scale": 3.0, "guidance_scale_pow": 1.0, "randomize_temperature": 1.0,
     "softcfg_strength": 0.0, "step_norm": True, "softcfg_confidence": "sampled",
     "softcfg_align": "source", "softcfg_min_weight": 0.05, "softcfg_target": "v",
+    "top_k": 0, "top_p": 1.0, "cfg_interval": -1,
 }
+# Sampling options left out of a run's digest while at their defaults (names made before
+# they existed stay valid).
+SAMPLING_OFF = {"top_k": 0, "top_p": 1.0, "cfg_interval": -1}
 SMOKE_LABEL = "SMOKE: tiny golden model, random reference, random Inception - NOT a real FID"
 SMOKE_REF_IMAGES = 8       # >= 4: the evaluator's k=3 precision/recall needs k + 1 images
 SMOKE_INCEPTION_SEED = 1234  # the recipe of tests/fixtures/inception/README.md section 2
@@ -181,7 +185,8 @@ def sampler_guidance(guidance: dict) -> dict:
 
 def run_name(model: str, smoke: bool, guidance: dict, seed: int, num: int, batch: int) -> str:
     """Readable and unique: everything that changes the images is in the digest."""
-    images_depend_on = {k: v for k, v in guidance.items() if k not in unused_guidance_keys(guidance)}
+    images_depend_on = {k: v for k, v in guidance.items()
+                        if k not in unused_guidance_keys(guidance) and SAMPLING_OFF.get(k, object()) != v}
     key = json.dumps({"model": model, "smoke": smoke, "guidance": images_depend_on, "seed": seed,
                       "num_samples": num, "per_proc_batch_size": batch}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:10]

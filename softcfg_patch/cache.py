@@ -1,23 +1,64 @@
-"""A static KV cache for guided decoding, and the one attention function models call.
+"""The SoftCFG multiplier table, a static KV cache, and the one attention function models call.
 
 The cache is preallocated for the whole sequence (gpt-fast style): writing a step is
 an index copy, never a `torch.cat`. K and V are stored *unscaled*; SoftCFG's current
-multipliers live beside them as one [rows, max_len] tensor (ones for rows and
-positions that are not scaled) and are applied on the fly, so they can never
-compound across steps.
+multipliers live beside them in one `MultiplierTable` ([rows, positions], ones for rows
+and positions that are not scaled) and are applied on the fly, so they can never
+compound across steps. The Hugging Face caches (softcfg_patch.hf) use the same table.
 
 For the default target "v", with a single query per step
     sum_i p_i (m_i v_i) = sum_i (p_i m_i) v_i,
 so the multipliers scale the attention probabilities instead of V: [rows, heads, L]
 work instead of [rows, heads, L, head_dim], and no copy of the cache. Target "k"
 scales the scores (q . m_i k_i = m_i (q . k_i)) before the softmax.
+
+Two ways to decode one position:
+* sliced (eager default): `pos` is a Python int, attention reads `[:pos + 1]`; the
+  arithmetic of the upstream code, so tokens stay identical to the golden runs.
+* fixed shape (`use_fixed_shape()`, for torch.compile / CUDA graphs): the position is
+  a 0-d tensor (`position`), K/V are written with `index_copy_` and the query attends
+  over the whole preallocated cache with a mask, so every step has the same shapes
+  and one compiled graph serves all steps.
 """
 from __future__ import annotations
 
 import math
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
+
+TARGETS = ("v", "k", "kv")
+Rows = Union[torch.Tensor, slice, Sequence[int]]
+
+
+class MultiplierTable:
+    """SoftCFG's per-(row, position) multipliers, float32 [rows, length], all ones at first.
+
+    Written in place (`write`), so a compiled graph reading `values` sees new values
+    without recompiling; `scale_k` / `scale_v` say which cache tensor they act on.
+    """
+
+    def __init__(self, rows: int, length: int, target: str = "v",
+                 device: torch.device | str = "cpu") -> None:
+        if target not in TARGETS:
+            raise ValueError(f"softcfg_target must be one of {TARGETS}, got {target!r}")
+        self.values = torch.ones(rows, length, device=device, dtype=torch.float32)
+        self.scale_k, self.scale_v = "k" in target, "v" in target
+
+    def write(self, rows: Rows, start: int, values: torch.Tensor) -> None:
+        """Multipliers of positions [start, start + values.shape[1]) for `rows`."""
+        self.values[rows, start:start + values.shape[1]] = values.to(torch.float32)
+
+    def reset(self) -> None:
+        self.values.fill_(1.0)
+
+    def grow(self, length: int) -> None:
+        """At least `length` columns, keeping what was written (growing caches only)."""
+        if self.values.shape[1] < length:
+            grown = self.values.new_ones(self.values.shape[0], max(length, 2 * self.values.shape[1]))
+            grown[:, :self.values.shape[1]] = self.values
+            self.values = grown
 
 
 class StaticKVCache:
@@ -25,7 +66,8 @@ class StaticKVCache:
 
     `pos` is the number of positions already written. A model forward over T new
     positions calls `attend(layer, q, k, v)` once per layer (all with the same
-    `pos`), then the driver calls `advance(T)`.
+    `pos`), then the driver calls `advance(T)`. In fixed-shape mode the driver sets
+    `position` (a 0-d tensor) instead and forwards one position at a time.
     """
 
     def __init__(self, num_layers: int, batch_size: int, num_heads: int, max_len: int,
@@ -40,21 +82,28 @@ class StaticKVCache:
         # (e.g. RAR's class embedding for adaLN). Models own the keys.
         self.state: dict = {}
         self.scale = 1.0 / math.sqrt(head_dim)
-        # SoftCFG state: multipliers per (row, position); None means "all ones".
-        self.weights: torch.Tensor | None = None
-        self.scale_k = False
-        self.scale_v = False
+        self.multipliers: Optional[MultiplierTable] = None  # SoftCFG; None means all ones
+        self.position: Optional[torch.Tensor] = None  # fixed-shape mode: the decoded position
+        self.key_positions: Optional[torch.Tensor] = None
 
-    def enable_multipliers(self, target: str = "v") -> None:
+    def enable_multipliers(self, target: str = "v") -> MultiplierTable:
         """Allocate the (all ones) multiplier table; `target` is "v", "k" or "kv"."""
-        rows = self.k.shape[1]
-        self.weights = torch.ones(rows, self.max_len, device=self.k.device, dtype=torch.float32)
-        self.scale_k = "k" in target
-        self.scale_v = "v" in target
+        self.multipliers = MultiplierTable(self.k.shape[1], self.max_len, target, self.k.device)
+        return self.multipliers
 
-    def set_multipliers(self, rows: torch.Tensor | slice, start: int, values: torch.Tensor) -> None:
-        """Write the multipliers of positions [start, start + values.shape[1]) for `rows`."""
-        self.weights[rows, start:start + values.shape[1]] = values
+    def use_fixed_shape(self) -> None:
+        """Decode through `position` (a 0-d long tensor the driver fills) with full-cache masks."""
+        self.position = torch.zeros((), dtype=torch.long, device=self.k.device)
+        self.key_positions = torch.arange(self.max_len, device=self.k.device)
+
+    def reset(self) -> None:
+        """Reuse for a new batch of the same shape: nothing of the old one can leak in."""
+        self.k.zero_()
+        self.v.zero_()
+        self.pos = 0
+        self.state.clear()
+        if self.multipliers is not None:
+            self.multipliers.reset()
 
     def advance(self, num_positions: int) -> None:
         self.pos += num_positions
@@ -65,6 +114,8 @@ class StaticKVCache:
         q, k, v: [rows, heads, T, head_dim] for the T new positions. Returns
         [rows, heads, T, head_dim].
         """
+        if self.position is not None and q.shape[2] == 1 and self.pos > 0:
+            return self._attend_fixed(layer, q, k, v)
         start, T = self.pos, q.shape[2]
         end = start + T
         if end > self.max_len:
@@ -73,19 +124,30 @@ class StaticKVCache:
         self.k[layer, :, :, start:end] = k
         self.v[layer, :, :, start:end] = v
         keys, values = self.k[layer, :, :, :end], self.v[layer, :, :, :end]
-        if T == 1 and self.weights is not None:
-            return self._attend_weighted(q, keys, values, self.weights[:, None, None, :end])
+        if T == 1 and self.multipliers is not None:
+            return self._attend_weighted(q, keys, values, self.multipliers.values[:, None, None, :end])
         mask = None
         if T > 1:  # a chunk attends to everything before it and causally within itself
             mask = torch.ones(T, end, dtype=torch.bool, device=q.device).tril(start)
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
 
-    def _attend_weighted(self, q, keys, values, weights):
+    def _attend_fixed(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """One query at `position` over the whole cache; later positions are masked out."""
+        index = self.position.view(1)
+        self.k[layer].index_copy_(2, index, k)
+        self.v[layer].index_copy_(2, index, v)
+        visible = (self.key_positions <= self.position)[None, None, None, :]
+        weights = None if self.multipliers is None else self.multipliers.values[:, None, None, :]
+        return self._attend_weighted(q, self.k[layer], self.v[layer], weights, visible)
+
+    def _attend_weighted(self, q, keys, values, weights, visible=None):
         scores = (q @ keys.transpose(-1, -2)) * self.scale
-        if self.scale_k:
+        if weights is not None and self.multipliers.scale_k:
             scores = scores * weights
+        if visible is not None:
+            scores = scores.masked_fill(~visible, float("-inf"))
         probs = scores.float().softmax(dim=-1)
-        if self.scale_v:
+        if weights is not None and self.multipliers.scale_v:
             probs = probs * weights
         return probs.to(values.dtype) @ values
 

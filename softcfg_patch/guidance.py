@@ -30,6 +30,14 @@ class Guidance:
     softcfg_align:         "source" (released code) or "token" (paper text).
     softcfg_min_weight:    floor of the step-normalised multipliers.
     softcfg_target:        which cache tensor the multipliers scale: "v", "k" or "kv".
+    top_k:                 keep the k largest guided logits (after the temperature); 0 = off.
+    top_p:                 nucleus filter on what top-k left (the first token past the
+                           threshold is kept); 1.0 = off.
+    cfg_interval:          LlamaGen's: the step predicting x_t (t >= 1) samples the
+                           conditional logits alone once t - 1 > cfg_interval; -1 = off.
+
+    Which scale means "unguided" is the model's rule (`guidance_is_off`, see
+    softcfg_patch.step.cfg_enabled); `uses_cfg` is the default rule, scale 0.
     """
 
     guidance_scale: float = 3.0
@@ -41,6 +49,9 @@ class Guidance:
     softcfg_align: str = "source"
     softcfg_min_weight: float = 0.05
     softcfg_target: str = "v"
+    top_k: int = 0
+    top_p: float = 1.0
+    cfg_interval: float = -1.0
 
     def __post_init__(self) -> None:
         _check_number("guidance_scale", self.guidance_scale, low=0.0)
@@ -53,6 +64,10 @@ class Guidance:
         _check_choice("softcfg_confidence", self.softcfg_confidence, CONFIDENCES)
         _check_choice("softcfg_align", self.softcfg_align, ALIGNMENTS)
         _check_choice("softcfg_target", self.softcfg_target, TARGETS)
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        _check_number("top_p", self.top_p, low=0.0, high=1.0, strict=True)
+        _check_number("cfg_interval", self.cfg_interval, low=-1.0)
 
     @property
     def uses_cfg(self) -> bool:

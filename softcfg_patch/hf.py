@@ -8,14 +8,17 @@ pieces, without touching its modeling code:
   "v"), keys ("k") or both ("kv") multiplied by a per-(row, position) multiplier
   table. The table is all ones except where `set_multipliers` wrote the
   unconditional rows, so conditional rows and prompt positions come back bit for bit.
-* `SoftCFGSampler`: the per-step bookkeeping (guidance schedule, guided logits,
-  temperature, sampling, conditional confidence, next step's multipliers). The
-  multipliers themselves come from `softcfg_patch.rule`; nothing here re-derives them.
+* `SoftCFGSampler`: one guided step per call, the stages of `softcfg_patch.step`
+  (mix, temperature, top-k/top-p, sampling, conditional confidence, next step's
+  multipliers) in the same order as the ImageNet sampler; nothing here re-derives them.
 
 Two drivers use them: `generate()` (a batched [cond; uncond] loop for causal LMs
 whose image tokens are ordinary vocabulary entries) and `SoftCFGLogitsProcessor`
-(plugs into stock `model.generate`, including Janus image mode; see
-`janus_generate_images`).
+(plugs into stock `model.generate`, including Janus image mode: softcfg_patch.hf_janus,
+re-exported here as `janus_generate_images` / `janus_softcfg`). Pipelines that do CFG
+the unbatched way (Emu3-Gen, Chameleon/Anole, Lumina-mGPT) swap transformers'
+`UnbatchedClassifierFreeGuidanceLogitsProcessor` for `SoftCFGUnbatchedLogitsProcessor`
+(softcfg_patch.hf_unbatched, re-exported here).
 
 Example, SoftCFG for your own model::
 
@@ -42,21 +45,23 @@ with `do_sample=False`; the processor samples and forces its token on both rows.
 from __future__ import annotations
 
 import inspect
-from typing import Iterable, Optional, Sequence, Union
+from typing import Callable, Iterable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 
 try:
     import transformers
-    from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList, StaticCache
+    from transformers import DynamicCache, LogitsProcessor, StaticCache
     from transformers.cache_utils import StaticLayer
 except ImportError as exc:  # the base install does not include transformers
     raise ImportError("softcfg_patch.hf needs the optional extra: pip install 'softcfg[hf]' "
                       "(transformers>=5.22)") from exc
 
-from .guidance import TARGETS, Guidance, guidance_schedule
-from .rule import image_position_weights, token_confidence
+from .cache import MultiplierTable
+from .guidance import Guidance
+from .step import (Schedule, StepHook, filter_logits, mix, position_weights, record_confidence,
+                   sample, temperature)
 
 MIN_TRANSFORMERS = (5, 22)
 if tuple(int(p) for p in transformers.__version__.split(".")[:2] if p.isdigit()) < MIN_TRANSFORMERS:
@@ -68,14 +73,18 @@ Rows = Union[torch.Tensor, Sequence[int]]
 __all__ = [
     "SoftCFGCache", "SoftCFGStaticCache", "SoftCFGSampler", "SoftCFGLogitsProcessor",
     "generated_position_weights", "cfg_batch", "make_cache", "cache_argument", "generate",
-    "janus_softcfg", "janus_generate_images",
+    "janus_softcfg", "janus_generate_images", "SoftCFGUnbatchedLogitsProcessor",
 ]
+
+# constraint(tokens so far [B, t], guided logits [B, V]) -> guided logits: e.g. a prefix
+# constraint, applied after the mix and before temperature / top-k / top-p.
+Constraint = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 # --------------------------------------------------------------------------- caches
 
 class _MultiplierTableMixin:
-    """Keeps a float32 [rows, positions] multiplier table and applies it in `update()`.
+    """Applies the one SoftCFG `MultiplierTable` (softcfg_patch.cache) in `update()`.
 
     The table is written in place (`set_multipliers`) so a compiled forward that reads
     it sees new values without recompiling; the stored K/V are never modified, so
@@ -83,13 +92,14 @@ class _MultiplierTableMixin:
     """
 
     def _init_softcfg(self, target: str, enabled: bool) -> None:
-        if target not in TARGETS:
-            raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+        MultiplierTable(0, 0, target)  # validates the target before anything is allocated
         self.softcfg_target = target
         self.softcfg_enabled = bool(enabled)
-        self._scale_keys = self.softcfg_enabled and "k" in target
-        self._scale_values = self.softcfg_enabled and "v" in target
-        self.multiplier_table: Optional[torch.Tensor] = None
+        self.multipliers: Optional[MultiplierTable] = None
+
+    @property
+    def multiplier_table(self) -> Optional[torch.Tensor]:
+        return None if self.multipliers is None else self.multipliers.values
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
                *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,49 +107,46 @@ class _MultiplierTableMixin:
         if not self.softcfg_enabled:
             return keys, values
         table = self._table(keys.shape[0], keys.shape[-2], keys.device)
-        weights = table[:, None, : keys.shape[-2], None]  # broadcast over heads and head_dim
-        if self._scale_keys:
+        weights = table.values[:, None, : keys.shape[-2], None]  # broadcast over heads, head_dim
+        if table.scale_k:
             keys = (keys * weights).to(keys.dtype)  # product in float32, one rounding
-        if self._scale_values:
+        if table.scale_v:
             values = (values * weights).to(values.dtype)
         return keys, values
 
     def set_multipliers(self, rows: Rows, start: int, values: torch.Tensor) -> None:
         """Write multipliers of positions [start, start + values.shape[1]) for `rows`, in place."""
-        if self.multiplier_table is None:
+        if self.multipliers is None:
             raise RuntimeError("set_multipliers before the first forward: run the prompt through "
                                "the model with this cache first")
-        table = self._table(self.multiplier_table.shape[0], start + values.shape[1],
-                            self.multiplier_table.device)
-        rows = torch.as_tensor(rows, dtype=torch.long, device=table.device)
-        table[rows, start:start + values.shape[1]] = values.to(table.device, torch.float32)
+        table = self._table(self.multipliers.values.shape[0], start + values.shape[1],
+                            self.multipliers.values.device)
+        rows = torch.as_tensor(rows, dtype=torch.long, device=table.values.device)
+        table.write(rows, start, values.to(table.values.device))
 
     def reset_multipliers(self) -> None:
-        if self.multiplier_table is not None:
-            self.multiplier_table.fill_(1.0)
+        if self.multipliers is not None:
+            self.multipliers.reset()
 
     def reset(self) -> None:
         super().reset()
         self.reset_multipliers()
 
-    def _table(self, rows: int, length: int, device: torch.device) -> torch.Tensor:
-        table = self.multiplier_table
+    def _table(self, rows: int, length: int, device: torch.device) -> MultiplierTable:
+        table = self.multipliers
         if table is None:
-            table = torch.ones(rows, self._initial_capacity(length), device=device)
+            table = MultiplierTable(rows, self._initial_capacity(length), self.softcfg_target, device)
             if not torch.compiler.is_compiling():
                 # a fixed address lets compiled graphs / cuda graphs read the live table
-                torch._dynamo.mark_static_address(table)
-        elif table.shape[1] < length:
+                torch._dynamo.mark_static_address(table.values)
+        elif table.values.shape[1] < length:
             if not self._growable:  # a static table keeps its address for compiled graphs
                 raise RuntimeError(f"position {length - 1} is past the static cache "
-                                   f"({table.shape[1]} positions)")
-            # dynamic cache: grow, keeping the written values
-            grown = torch.ones(rows, max(length, 2 * table.shape[1]), device=table.device)
-            grown[:, : table.shape[1]] = table
-            table = grown
-        if table.shape[0] != rows:
-            raise RuntimeError(f"cache batch changed from {table.shape[0]} to {rows} rows")
-        self.multiplier_table = table
+                                   f"({table.values.shape[1]} positions)")
+            table.grow(length)  # dynamic cache: grow, keeping the written values
+        if table.values.shape[0] != rows:
+            raise RuntimeError(f"cache batch changed from {table.values.shape[0]} to {rows} rows")
+        self.multipliers = table
         return table
 
     _growable = True
@@ -192,26 +199,8 @@ class SoftCFGStaticCache(_MultiplierTableMixin, StaticCache):
 
 def generated_position_weights(history: torch.Tensor, structural: Optional[torch.Tensor],
                                guidance: Guidance) -> torch.Tensor:
-    """Multipliers of the generated positions x_0 .. x_{t-1} for the next forward, [B, t].
-
-    Structural positions (line/frame/size markers) keep weight 1 and are left out of
-    Step Normalization: the rule runs on the non-structural positions only, compressed
-    into one sequence per row, and the result is scattered back.
-    """
-    args = (guidance.softcfg_strength, guidance.step_norm, guidance.softcfg_min_weight,
-            guidance.softcfg_align)
-    if structural is None or not bool(structural.any()):
-        return image_position_weights(history, *args)
-    weights = torch.ones_like(history)
-    keep = ~structural
-    if bool((keep == keep[:1]).all()):  # usual case: markers at the same steps in every row
-        columns = keep[0].nonzero().squeeze(-1)
-        weights[:, columns] = image_position_weights(history[:, columns], *args)
-        return weights
-    for row in range(history.shape[0]):
-        columns = keep[row].nonzero().squeeze(-1)
-        weights[row, columns] = image_position_weights(history[row:row + 1, columns], *args)[0]
-    return weights
+    """Multipliers of x_0 .. x_{t-1} for the next forward, [B, t] (softcfg_patch.step.position_weights)."""
+    return position_weights(history, guidance, structural)
 
 
 class SoftCFGSampler:
@@ -220,17 +209,21 @@ class SoftCFGSampler:
     `cond_rows[i]` and `uncond_rows[i]` are the two branches of sample i, in whatever
     layout the model uses ([cond; uncond] stacked, interleaved, ...). Call it with the
     last-position logits of all rows; it returns the B sampled tokens and, with SoftCFG
-    on, has already written the multipliers for the next forward into `cache`
-    (the order of softcfg_patch.sampler: confidences from the conditional branch after
-    sampling, multipliers before the next forward).
+    on, has already written the multipliers for the next forward into `cache`. The
+    stages and their order are softcfg_patch.step's, as in the ImageNet sampler;
+    `on_step(step, cond, uncond, guided, tokens, cache)` is the hook of every driver;
+    `constraint(tokens, guided)` (optional) restricts the guided logits before the
+    temperature, as a `generate` logits processor after a CFG processor would.
     """
 
     def __init__(self, guidance: Guidance, num_steps: int, cond_rows: Rows,
                  uncond_rows: Optional[Rows] = None, cache: Optional[_MultiplierTableMixin] = None,
                  generator: Optional[torch.Generator] = None,
                  structural_token_ids: Iterable[int] = (),
-                 prompt_length: Optional[int] = None) -> None:
+                 prompt_length: Optional[int] = None, on_step: Optional[StepHook] = None,
+                 constraint: Optional[Constraint] = None) -> None:
         self.guidance = guidance
+        self.constraint = constraint
         self.num_steps = int(num_steps)
         self.cond_rows = torch.as_tensor(cond_rows, dtype=torch.long).flatten()
         # Kept even without guidance: both rows of a pair must still receive the token.
@@ -247,10 +240,12 @@ class SoftCFGSampler:
             raise ValueError("the cache was built with enabled=False but SoftCFG is on")
         self.cache = cache
         self.generator = generator
+        self.on_step = on_step
         self.structural_ids = torch.as_tensor(sorted(set(int(i) for i in structural_token_ids)),
                                               dtype=torch.long)
         self.prompt_length = prompt_length
         batch = self.cond_rows.numel()
+        self.schedule = Schedule(guidance, self.num_steps)
         self.tokens = torch.zeros(batch, self.num_steps, dtype=torch.long)
         self.confidences = torch.zeros(batch, self.num_steps)
         self.structural = torch.zeros(batch, self.num_steps, dtype=torch.bool)
@@ -261,7 +256,7 @@ class SoftCFGSampler:
 
         `generator` must live on logits.device (multinomial's rule).
         """
-        t = self.step
+        t, g = self.step, self.guidance
         if t >= self.num_steps:
             raise RuntimeError(f"called for step {t} but num_steps is {self.num_steps}")
         self._to(logits.device)
@@ -269,32 +264,23 @@ class SoftCFGSampler:
             # the whole prompt is in the cache now
             self.prompt_length = int(self.cache.get_seq_length())
         cond = logits[self.cond_rows]
-        probs = F.softmax((self._guided(logits, cond, t) / self.guidance.randomize_temperature)
-                          .float(), dim=-1)
-        token = torch.multinomial(probs, num_samples=1, generator=self.generator)[:, 0]
+        uncond = logits[self.uncond_rows] if g.uses_cfg else None
+        mixed = mix(cond, uncond, t, self.schedule)
+        if self.constraint is not None:
+            mixed = self.constraint(self.tokens[:, :t], mixed)
+        guided = filter_logits(temperature(mixed, g), g.top_k, g.top_p)
+        token = sample(guided, self.generator)
         self.tokens[:, t] = token
         self.step = t + 1
-        if self.guidance.uses_softcfg:
-            self._set_next_multipliers(cond, token, t)
+        if g.uses_softcfg:
+            record_confidence(self.confidences, t, cond, token, g)
+            self.structural[:, t] = torch.isin(token, self.structural_ids)
+        if self.on_step is not None:
+            self.on_step(t, cond, uncond, guided, token, self.cache)
+        if g.uses_softcfg:
+            weights = position_weights(self.confidences[:, :t + 1], g, self.structural[:, :t + 1])
+            self.cache.set_multipliers(self.uncond_rows, self.prompt_length, weights)
         return token
-
-    def _guided(self, logits: torch.Tensor, cond: torch.Tensor, t: int) -> torch.Tensor:
-        g = self.guidance
-        if not g.uses_cfg:
-            return cond
-        uncond = logits[self.uncond_rows]
-        scale = guidance_schedule(t, self.num_steps, g.guidance_scale, g.guidance_scale_pow,
-                                  device=logits.device)
-        return uncond + (cond - uncond) * scale  # the order of softcfg_patch.sampler
-
-    def _set_next_multipliers(self, cond: torch.Tensor, token: torch.Tensor, t: int) -> None:
-        g = self.guidance
-        self.confidences[:, t] = token_confidence(cond, token, g.randomize_temperature,
-                                                  g.softcfg_confidence)
-        self.structural[:, t] = torch.isin(token, self.structural_ids)
-        weights = generated_position_weights(self.confidences[:, :t + 1],
-                                             self.structural[:, :t + 1], g)
-        self.cache.set_multipliers(self.uncond_rows, self.prompt_length, weights)
 
     def row_tokens(self, token: torch.Tensor, num_rows: int) -> torch.Tensor:
         """Both branches of sample i continue with its token: [num_rows] ids for the next step."""
@@ -311,6 +297,7 @@ class SoftCFGSampler:
                 value = getattr(self, name)
                 if value is not None:
                     setattr(self, name, value.to(device))
+            self.schedule = Schedule(self.guidance, self.num_steps, device)
 
 
 class SoftCFGLogitsProcessor(LogitsProcessor):
@@ -329,9 +316,10 @@ class SoftCFGLogitsProcessor(LogitsProcessor):
     def __init__(self, guidance: Guidance, max_new_tokens: int, cond_rows: Rows,
                  uncond_rows: Optional[Rows] = None, cache: Optional[_MultiplierTableMixin] = None,
                  generator: Optional[torch.Generator] = None,
-                 structural_token_ids: Iterable[int] = ()) -> None:
+                 structural_token_ids: Iterable[int] = (),
+                 on_step: Optional[StepHook] = None) -> None:
         self.sampler = SoftCFGSampler(guidance, max_new_tokens, cond_rows, uncond_rows, cache,
-                                      generator, structural_token_ids)
+                                      generator, structural_token_ids, on_step=on_step)
 
     @property
     def tokens(self) -> torch.Tensor:
@@ -407,15 +395,25 @@ def generate(model: torch.nn.Module, cond_ids: torch.Tensor, uncond_ids: Optiona
              cond_attention_mask: Optional[torch.Tensor] = None,
              uncond_attention_mask: Optional[torch.Tensor] = None,
              cache_implementation: str = "dynamic",
-             pad_token_id: Optional[int] = None) -> torch.Tensor:
+             pad_token_id: Optional[int] = None,
+             on_step: Optional[StepHook] = None,
+             logits_processor: Optional[Callable] = None) -> torch.Tensor:
     """Sample `max_new_tokens` tokens per prompt with CFG / SoftCFG. Returns LongTensor [B, N].
 
     For causal LMs whose image tokens are ordinary vocabulary entries. The batch is
     [cond; uncond] (2B rows, left-padded by `cfg_batch`); with guidance_scale 0 only
     the conditional rows run. Sampling is multinomial with `generator` (global RNG if
     None). Tokens in `structural_token_ids` keep weight 1 and stay out of the
-    normalisation.
+    normalisation. `on_step(step, cond, uncond, guided, tokens, cache)` sees every step.
+    `logits_processor` (a transformers `LogitsProcessor` or list, e.g. Emu3's
+    `PrefixConstrainedLogitsProcessor`) is applied to the guided logits before the
+    temperature, called with the conditional prompt (as given) plus the tokens so far,
+    as in stock `generate` with a CFG processor first in its list.
     """
+    if guidance.uses_cfg and uncond_ids is None:
+        raise ValueError(f"uncond_ids is None but guidance_scale is {guidance.guidance_scale}: "
+                         f"CFG needs the unconditional prompt ids (e.g. just BOS and "
+                         f"<begin-of-image>), or pass Guidance(guidance_scale=0) for no CFG")
     if pad_token_id is None:
         pad_token_id = getattr(model.config.get_text_config(), "pad_token_id", None) or 0
     cond_ids = torch.atleast_2d(cond_ids)
@@ -429,8 +427,12 @@ def generate(model: torch.nn.Module, cond_ids: torch.Tensor, uncond_ids: Optiona
         cond_rows, uncond_rows = torch.arange(batch), None
     prompt_length = ids.shape[1]
     cache = make_cache(model, guidance, cache_implementation, prompt_length + max_new_tokens)
+    constraint = None
+    if logits_processor is not None:
+        def constraint(tokens: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+            return logits_processor(torch.cat([cond_ids.to(tokens.device), tokens], dim=1), logits)
     sampler = SoftCFGSampler(guidance, max_new_tokens, cond_rows, uncond_rows, cache, generator,
-                             structural_token_ids, prompt_length)
+                             structural_token_ids, prompt_length, on_step, constraint)
     positions = (mask.cumsum(-1) - 1).clamp_min(0)  # left padding: real tokens start at 0
     # The mask covers every position the loop will write (later ones are hidden by
     # causality), so decode steps keep one input shape: a compiled forward over a
@@ -457,51 +459,6 @@ def _forward(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor,
     return out.logits[:, -1]
 
 
-# ------------------------------------------------------------------------ Janus
-
-def janus_softcfg(model: torch.nn.Module, guidance: Guidance, batch_size: int, prompt_length: int,
-                  generator: Optional[torch.Generator] = None, cache_implementation: str = "static",
-                  structural_token_ids: Iterable[int] = ()) -> tuple[_MultiplierTableMixin,
-                                                                     SoftCFGLogitsProcessor]:
-    """The (cache, logits processor) pair for Janus `generate(generation_mode="image")`.
-
-    Janus builds its batch as `input_ids.repeat(2, 1)`: rows [0, B) conditional, rows
-    [B, 2B) unconditional (prompt replaced by padding except BOS / BOI).
-    """
-    num_image_tokens = model.model.vision_model.config.num_image_tokens
-    cache = make_cache(model, guidance, cache_implementation, prompt_length + num_image_tokens)
-    processor = SoftCFGLogitsProcessor(guidance, num_image_tokens, torch.arange(batch_size),
-                                       torch.arange(batch_size, 2 * batch_size), cache, generator,
-                                       structural_token_ids)
-    return cache, processor
-
-
-@torch.no_grad()
-def janus_generate_images(model: torch.nn.Module, input_ids: torch.Tensor, guidance: Guidance,
-                          attention_mask: Optional[torch.Tensor] = None,
-                          generator: Optional[torch.Generator] = None,
-                          cache_implementation: str = "static", **generate_kwargs) -> torch.Tensor:
-    """Janus image tokens [B, num_image_tokens] with CFG / SoftCFG through stock `generate`.
-
-    Guidance, schedule, temperature and sampling come from `guidance` and `generator`;
-    Janus's own CFG processor still runs (it halves the batch) but sees identical rows.
-    """
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    # Expand here: the processor must know the final number of (cond, uncond) pairs.
-    copies = generate_kwargs.pop("num_return_sequences", 1)
-    input_ids = input_ids.repeat_interleave(copies, dim=0)
-    attention_mask = attention_mask.repeat_interleave(copies, dim=0)
-    cache, processor = janus_softcfg(model, guidance, input_ids.shape[0], input_ids.shape[1],
-                                     generator, cache_implementation)
-    # Janus only appends its (row-halving) CFG processor for scales > 1; the value is moot
-    janus_scale = guidance.guidance_scale if guidance.guidance_scale > 1 else 2.0
-    tokens = model.generate(input_ids=input_ids, attention_mask=attention_mask,
-                            generation_mode="image", do_sample=False, guidance_scale=janus_scale,
-                            num_return_sequences=1,
-                            logits_processor=LogitsProcessorList([processor]),
-                            **{cache_argument(model): cache}, **generate_kwargs)
-    if not torch.equal(tokens.to(processor.tokens.device), processor.tokens):
-        raise RuntimeError("Janus did not keep the SoftCFG tokens; pass do_sample=False and no "
-                           "extra logits processors that change the scores")
-    return tokens
+# Janus glue lives in hf_janus.py; kept importable from here.
+from .hf_janus import janus_generate_images, janus_softcfg  # noqa: E402
+from .hf_unbatched import SoftCFGUnbatchedLogitsProcessor  # noqa: E402

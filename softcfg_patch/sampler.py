@@ -1,4 +1,4 @@
-"""Guided autoregressive decoding: generate() and guided_logits().
+"""Guided autoregressive decoding: generate(), guided_logits(), decode_step().
 
 Written once against a small model protocol, so every model gets CFG and SoftCFG
 from the same loop. A model only describes its architecture:
@@ -12,24 +12,29 @@ from the same loop. A model only describes its architecture:
     condition_ids(labels) -> LongTensor[B]        embedding ids of the class condition
     none_condition_ids(labels) -> LongTensor[B]   ids of the "none" (unconditional) condition
     prefill(condition_ids, cache) -> [rows, V]    runs the prefix, logits predicting x_0
-    decode(tokens, step, cache) -> [rows, V]      feeds x_{step-1}, logits predicting x_step
+    decode(tokens, step, cache) -> [rows, V]      feeds x_{step-1}, logits predicting x_step;
+                                                  `step` is an int, or a 0-d long tensor on
+                                                  the fixed-shape (compiled) path
+    optional: guidance_is_off(scale), rng_preamble(num_rows, generator, device)
+              (softcfg_patch.step: the per-family sampling rules)
 
-Models route every attention through `cache.attend(...)`; they never see guidance.
-A model that needs per-sequence values at every step (RAR's adaLN class embedding)
-keeps them in `cache.state` from prefill() to decode().
-The batch is [conditional rows; unconditional rows] and the sampler owns the
-bookkeeping: schedule, guided logits, temperature, sampling, confidences, multipliers.
+Models route every attention through `causal_attention(q, k, v, cache, layer)`; they
+never see guidance. A model that needs per-sequence values at every step (RAR's adaLN
+class embedding) keeps them in `cache.state` from prefill() to decode().
+The batch is [conditional rows; unconditional rows]; the guided step itself
+(mix, temperature, filter, sample, confidence, multipliers) is softcfg_patch.step.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Protocol
+import weakref
+from typing import Optional, Protocol, Union
 
 import torch
-import torch.nn.functional as F
 
 from .cache import StaticKVCache
-from .guidance import Guidance, guidance_schedule
-from .rule import image_position_weights, token_confidence
+from .guidance import Guidance
+from .step import (Schedule, StepHook, cfg_enabled, guide, position_weights, position_weights_at,
+                   record_confidence, rng_preamble, sample, softcfg_enabled)
 
 
 class GuidedModel(Protocol):
@@ -44,21 +49,67 @@ class GuidedModel(Protocol):
     def condition_ids(self, labels: torch.Tensor) -> torch.Tensor: ...
     def none_condition_ids(self, labels: torch.Tensor) -> torch.Tensor: ...
     def prefill(self, condition_ids: torch.Tensor, cache: StaticKVCache) -> torch.Tensor: ...
-    def decode(self, tokens: torch.Tensor, step: int, cache: StaticKVCache) -> torch.Tensor: ...
+    def decode(self, tokens: torch.Tensor, step, cache: StaticKVCache) -> torch.Tensor: ...
 
 
-# on_step(step, cond_logits, uncond_logits, guided_over_temp, tokens, cache); uncond is None without CFG.
-StepHook = Callable[[int, torch.Tensor, Optional[torch.Tensor], torch.Tensor, torch.Tensor, StaticKVCache], None]
+class StepState:
+    """What a decode step reads besides the model and the cache; built once per batch shape."""
+
+    def __init__(self, guidance: Guidance, batch: int, num_steps: int, prefix: int, cfg: bool,
+                 softcfg: bool, device: torch.device) -> None:
+        self.guidance, self.batch, self.num_steps, self.prefix = guidance, batch, num_steps, prefix
+        self.cfg, self.softcfg = cfg, softcfg
+        self.schedule = Schedule(guidance, num_steps, device)
+        self.history = torch.zeros(batch, num_steps, dtype=torch.float32, device=device)
+
+
+def decode_step(model: GuidedModel, cache: StaticKVCache, tokens: torch.Tensor, step,
+                state: StepState) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """One decode step t >= 1: SoftCFG multipliers from c_0..c_{t-1}, the model forward of
+    x_{t-1} (`tokens`, one per row), and the guided softmax input of step t.
+
+    Returns (guided / T filtered [B, V], cond [B, V], uncond [B, V] or None). With `step`
+    an int it slices the cache (eager, upstream arithmetic); with a 0-d tensor every
+    shape is fixed and nothing syncs with the host, so `torch.compile(fullgraph=True)`
+    takes it whole and CUDA graphs can replay it.
+    """
+    fixed = torch.is_tensor(step)
+    if fixed:
+        cache.position.copy_(step + (state.prefix - 1))
+    if state.softcfg:
+        rows = slice(state.batch, 2 * state.batch)
+        if fixed:
+            cache.multipliers.values[rows, state.prefix:] = position_weights_at(state.history, step,
+                                                                                state.guidance)
+        else:
+            cache.multipliers.write(rows, state.prefix,
+                                    position_weights(state.history[:, :step], state.guidance))
+    logits = model.decode(tokens, step, cache)
+    return _guide_rows(logits, step, state)
+
+
+def _guide_rows(logits: torch.Tensor, step, state: StepState):
+    B = state.batch
+    cond, uncond = (logits[:B], logits[B:]) if state.cfg else (logits, None)
+    return guide(cond, uncond, step, state.schedule, state.guidance), cond, uncond
 
 
 @torch.no_grad()
 def generate(model: GuidedModel, labels: torch.Tensor, guidance: Guidance,
-             generator: Optional[torch.Generator] = None) -> torch.Tensor:
+             generator: Optional[torch.Generator] = None,
+             compile: Union[bool, str] = False) -> torch.Tensor:
     """Sample N image tokens per label with CFG / SoftCFG. Returns LongTensor [B, N].
 
     With `generator=None` the global RNG is used, exactly like the upstream code.
+    `compile=True` runs the fixed-shape decode step through `torch.compile` (inductor,
+    fullgraph; CUDA graphs on a GPU), compiled once per model, batch shape and settings
+    and reused by later calls; a string picks another backend (e.g. "aot_eager").
     """
-    return decode_loop(model, labels, guidance, generator=generator)[0]
+    if not compile:
+        return decode_loop(model, labels, guidance, generator=generator)[0]
+    backend = "inductor" if compile is True else str(compile)
+    return decode_loop(model, labels, guidance, generator=generator, fixed_shape=True,
+                       step_fn=compiled_decode_step(backend, labels.device.type == "cuda"))[0]
 
 
 @torch.no_grad()
@@ -66,12 +117,12 @@ def guided_logits(model: GuidedModel, labels: torch.Tensor, tokens: torch.Tensor
                   guidance: Guidance) -> torch.Tensor:
     """Teacher forcing: the exact softmax inputs the sampler uses at each step, [B, N, V].
 
-    The guided logits divided by the temperature, given `tokens` as the sampled
-    history; SoftCFG confidences come from these tokens.
+    The guided logits divided by the temperature (then top-k/top-p filtered), given
+    `tokens` as the sampled history; SoftCFG confidences come from these tokens.
     """
     steps = []
     decode_loop(model, labels, guidance, forced_tokens=tokens,
-                on_step=lambda t, c, u, guided, x, cache: steps.append(guided.float()))
+                on_step=lambda t, c, u, guided, x, cache: steps.append(guided.float().clone()))
     return torch.stack(steps, dim=1)
 
 
@@ -79,70 +130,97 @@ def guided_logits(model: GuidedModel, labels: torch.Tensor, tokens: torch.Tensor
 def decode_loop(model: GuidedModel, labels: torch.Tensor, guidance: Guidance, *,
                 generator: Optional[torch.Generator] = None,
                 forced_tokens: Optional[torch.Tensor] = None,
-                on_step: Optional[StepHook] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                on_step: Optional[StepHook] = None, fixed_shape: bool = False,
+                step_fn=decode_step) -> tuple[torch.Tensor, torch.Tensor]:
     """The decode loop behind generate() and guided_logits().
 
     Returns (tokens [B, N], confidences [B, N]); confidences are zeros unless SoftCFG
-    is on. `forced_tokens` replaces sampling (teacher forcing); `on_step` sees every
-    step's logits and the cache (tests and analysis use it).
+    is on. `forced_tokens` replaces sampling (teacher forcing); `on_step(step, cond,
+    uncond, guided, tokens, cache)` sees every step (tests and analysis use it).
+    `fixed_shape` feeds `step_fn` a 0-d step tensor and a fixed-shape cache, reused
+    from call to call for the same model and shapes (what a compiled step needs).
     """
     labels = _check_labels(model, labels)
     B, N, P = labels.shape[0], model.num_image_tokens, model.num_prefix_positions
     device = labels.device
     if forced_tokens is not None and tuple(forced_tokens.shape) != (B, N):
         raise ValueError(f"tokens must have shape ({B}, {N}), got {tuple(forced_tokens.shape)}")
-
-    # Upstream draws B uniforms for its (probability 0) label dropout before the loop;
-    # drawing them too keeps our token stream identical to the reference for a seed.
-    torch.rand(B, generator=generator, device=device)
+    cfg = cfg_enabled(model, guidance)
+    rng_preamble(model, B, generator, device)
 
     conditions = model.condition_ids(labels)
-    if guidance.uses_cfg:
+    if cfg:
         conditions = torch.cat([conditions, model.none_condition_ids(labels)])
-    uncond_rows = slice(B, 2 * B)
-    cache = StaticKVCache(model.num_layers, conditions.shape[0], model.num_heads, P + N - 1,
-                          model.head_dim, device=device, dtype=_activation_dtype(model, device))
-    if guidance.uses_softcfg:
-        cache.enable_multipliers(guidance.softcfg_target)
-
+    cache, state, step_tensor = _workspace(model, guidance, B, conditions.shape[0], cfg, device,
+                                           fixed_shape)
     tokens = torch.empty(B, N, dtype=torch.long, device=device)
-    history = torch.zeros(B, N, dtype=torch.float32, device=device)
     logits = model.prefill(conditions, cache)
     cache.advance(P)
+    guided, cond, uncond = _guide_rows(logits, 0, state)
     for t in range(N):
         if t > 0:
-            if guidance.uses_softcfg:
-                cache.set_multipliers(uncond_rows, P, image_position_weights(
-                    history[:, :t], guidance.softcfg_strength, guidance.step_norm,
-                    guidance.softcfg_min_weight, guidance.softcfg_align))
             previous = tokens[:, t - 1]
-            if guidance.uses_cfg:
+            if cfg:
                 previous = torch.cat([previous, previous])
-            logits = model.decode(previous, t, cache)
-            cache.advance(1)
-
-        cond, uncond = (logits[:B], logits[B:]) if guidance.uses_cfg else (logits, None)
-        guided = _guide(cond, uncond, t, N, guidance) / guidance.randomize_temperature
-        if forced_tokens is None:
-            probs = F.softmax(guided.float(), dim=-1)
-            tokens[:, t] = torch.multinomial(probs, num_samples=1, generator=generator)[:, 0]
-        else:
-            tokens[:, t] = forced_tokens[:, t]
-        if guidance.uses_softcfg:
-            history[:, t] = token_confidence(cond, tokens[:, t], guidance.randomize_temperature,
-                                             guidance.softcfg_confidence)
+            if fixed_shape:
+                step_tensor.fill_(t)
+                guided, cond, uncond = step_fn(model, cache, previous, step_tensor, state)
+            else:
+                guided, cond, uncond = step_fn(model, cache, previous, t, state)
+                cache.advance(1)
+        tokens[:, t] = sample(guided, generator) if forced_tokens is None else forced_tokens[:, t]
+        if state.softcfg:
+            record_confidence(state.history, t, cond, tokens[:, t], guidance)
         if on_step is not None:
             on_step(t, cond, uncond, guided, tokens[:, t], cache)
-    return tokens, history
+    return tokens, state.history.clone()
 
 
-def _guide(cond: torch.Tensor, uncond: Optional[torch.Tensor], step: int, num_steps: int,
-           guidance: Guidance) -> torch.Tensor:
-    if uncond is None:
-        return cond
-    scale = guidance_schedule(step, num_steps, guidance.guidance_scale,
-                              guidance.guidance_scale_pow, device=cond.device)
-    return uncond + (cond - uncond) * scale
+# Fixed-shape workspaces (cache + step state) per model, reused so a compiled step (and
+# CUDA graphs, which need fixed addresses) serves every batch of the same shape.
+_WORKSPACES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _workspace(model, guidance: Guidance, batch: int, rows: int, cfg: bool, device: torch.device,
+               fixed_shape: bool):
+    dtype = _activation_dtype(model, device)
+    key = (guidance, batch, rows, str(device), dtype)
+    if fixed_shape and key in _WORKSPACES.get(model, {}):
+        cache, state, step_tensor = _WORKSPACES[model][key]
+        cache.reset()
+        state.history.zero_()
+        return cache, state, step_tensor
+    N, P = model.num_image_tokens, model.num_prefix_positions
+    cache = StaticKVCache(model.num_layers, rows, model.num_heads, P + N - 1, model.head_dim,
+                          device=device, dtype=dtype)
+    softcfg = softcfg_enabled(model, guidance)
+    if softcfg:
+        cache.enable_multipliers(guidance.softcfg_target)
+    state = StepState(guidance, batch, N, P, cfg, softcfg, device)
+    if not fixed_shape:
+        return cache, state, None
+    cache.use_fixed_shape()
+    step_tensor = torch.zeros((), dtype=torch.long, device=device)
+    if device.type == "cuda":  # CUDA graphs replay on fixed addresses
+        for t in (cache.k, cache.v, cache.position, cache.key_positions, state.history,
+                  state.schedule.scales, state.schedule.guided, step_tensor,
+                  *([cache.multipliers.values] if softcfg else [])):
+            torch._dynamo.mark_static_address(t)
+    _WORKSPACES.setdefault(model, {})[key] = (cache, state, step_tensor)
+    return cache, state, step_tensor
+
+
+_COMPILED: dict = {}
+
+
+def compiled_decode_step(backend: str = "inductor", cuda_graphs: bool = False):
+    """`decode_step` under torch.compile(fullgraph=True), one wrapper per backend and mode;
+    dynamo keeps one graph per model, shape and settings and reuses it."""
+    mode = "reduce-overhead" if cuda_graphs and backend == "inductor" else None
+    if (backend, mode) not in _COMPILED:
+        _COMPILED[backend, mode] = torch.compile(decode_step, backend=backend, mode=mode,
+                                                 fullgraph=True, dynamic=False)
+    return _COMPILED[backend, mode]
 
 
 def _check_labels(model: GuidedModel, labels: torch.Tensor) -> torch.Tensor:

@@ -523,3 +523,34 @@ def test_cli_end_to_end_on_tiny_janus(tmp_path):
     assert result.returncode == 0, result.stderr
     image = Image.open(out)
     assert image.size == (8 + 8 + 8, 8) and image.mode == "RGB"  # two 8x8 images and an 8-pixel gap
+
+
+def test_generate_without_uncond_ids_names_it():
+    model = tiny_lm("llama", "sdpa")
+    cond, _ = prompts()
+    with pytest.raises(ValueError, match="uncond_ids"):
+        hf.generate(model, cond, None, Guidance(guidance_scale=3.0), 4)
+    tokens = hf.generate(model, cond, None, Guidance(guidance_scale=0.0), 4)  # no CFG: allowed
+    assert tokens.shape == (2, 4)
+
+
+def test_on_step_hook_has_the_sampler_signature():
+    """hf.generate calls on_step(step, cond, uncond, guided, tokens, cache) like the ImageNet loop."""
+    model = tiny_lm("llama", "sdpa")
+    cond, uncond = prompts()
+    g = Guidance(guidance_scale=3.0, guidance_scale_pow=1.0, randomize_temperature=0.8,
+                 softcfg_strength=1.0, top_k=5)
+    seen = []
+
+    def hook(step, c, u, guided, tokens, cache):
+        scale = guidance_schedule(step, 4, 3.0, 1.0)
+        want = (u + (c - u) * scale) / 0.8
+        kept = torch.isfinite(guided)
+        assert torch.equal(kept.sum(-1), torch.full((2,), 5))  # top-k acted on the guided logits
+        torch.testing.assert_close(guided[kept], want[kept])
+        assert kept.gather(1, tokens[:, None]).all()  # the token was drawn from what was kept
+        seen.append((step, isinstance(cache, hf.SoftCFGCache)))
+
+    tokens = hf.generate(model, cond, uncond, g, 4, generator=torch.Generator().manual_seed(3),
+                         on_step=hook)
+    assert seen == [(t, True) for t in range(4)] and tokens.shape == (2, 4)

@@ -25,8 +25,6 @@ RUNS = {run["name"]: run for run in SPEC["runs"]}
 TINY_CONFIG = ROOT / "tests" / "configs" / "llamagen_tiny.yaml"
 TINY_WEIGHTS = HERE / "llamagen_gpt_tiny_weights.safetensors"
 N, P = 16, 1  # image tokens, prefix positions
-needs_core = pytest.mark.skipif(not hasattr(sp.Guidance(), "top_k"),
-                                reason="needs the core branch's sampling options")
 
 
 @pytest.fixture(scope="module")
@@ -121,14 +119,6 @@ def test_teacher_forced_full_pass_equals_golden(tiny):
     torch.testing.assert_close(logits[:, :N], GOLDEN["teacher.cond_logits"], atol=1e-4, rtol=1e-4)
 
 
-def write_multipliers(cache: sp.StaticKVCache, rows: slice, start: int, values: torch.Tensor) -> None:
-    """main's cache API (set_multipliers) or the core branch's (multipliers.write)."""
-    if hasattr(cache, "set_multipliers"):
-        cache.set_multipliers(rows, start, values)
-    else:
-        cache.multipliers.write(rows, start, values)
-
-
 def forced_step_logits(model: GPT, run: dict, tokens: torch.Tensor, confidence: torch.Tensor | None,
                        step_as_tensor: bool = False) -> torch.Tensor:
     """Feed the golden tokens through prefill + decode on the [cond; uncond] batch, setting the
@@ -145,7 +135,7 @@ def forced_step_logits(model: GPT, run: dict, tokens: torch.Tensor, confidence: 
     cache.advance(P)
     for t in range(1, N):
         if soft:
-            write_multipliers(cache, slice(B, 2 * B), P, image_position_weights(
+            cache.multipliers.write(slice(B, 2 * B), P, image_position_weights(
                 confidence[:, :t], soft["strength"], soft["step_norm"], 0.05, "source"))
         previous = torch.cat([tokens[:, t - 1]] * (2 if cfg else 1))
         steps.append(model.decode(previous, torch.tensor(t) if step_as_tensor else t, cache))
@@ -230,7 +220,6 @@ def test_grouped_query_attention_equals_expanded_heads():
 
 
 # ------------------------------------------------------------ sampling (core branch API)
-@needs_core
 @pytest.mark.parametrize("run", sorted(RUNS))
 def test_sampling_tokens_equal_golden(tiny, run):
     spec = RUNS[run]
@@ -244,7 +233,6 @@ def test_sampling_tokens_equal_golden(tiny, run):
     assert torch.equal(tokens, GOLDEN[f"{run}.tokens"])
 
 
-@needs_core
 @pytest.mark.parametrize("option,value", [("top_p", 0.0), ("top_p", 1.5), ("top_k", -1)])
 def test_invalid_sampling_options_are_rejected(option, value):
     with pytest.raises(ValueError, match=option) as err:

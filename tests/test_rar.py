@@ -128,9 +128,9 @@ def record(model: RAR, labels: torch.Tensor, g: sp.Guidance, tokens: torch.Tenso
         rec["cond"].append(cond.clone())
         rec["uncond"].append(uncond.clone())
         rec["guided"].append(guided.clone())
-        if cache.weights is not None:
-            rec["weights"].append(cache.weights[rows:, :t + 2].clone())
-            rec["cond_weights"].append(cache.weights[:rows].clone())
+        if cache.multipliers is not None:
+            rec["weights"].append(cache.multipliers.values[rows:, :t + 2].clone())
+            rec["cond_weights"].append(cache.multipliers.values[:rows].clone())
     generator = None if seed is None else torch.Generator().manual_seed(seed)
     out_tokens, conf = sp.decode_loop(model, labels, g, generator=generator, forced_tokens=tokens,
                                       on_step=hook)

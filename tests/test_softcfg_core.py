@@ -31,7 +31,7 @@ def record(model, labels, guidance, tokens):
         rec["cond"].append(cond.clone())
         rec["uncond"].append(uncond.clone())
         rec["guided"].append(guided.clone())
-        w = cache.weights[B:].clone() if cache.weights is not None else None
+        w = cache.multipliers.values[B:].clone() if cache.multipliers is not None else None
         rec["weights"].append(w)
     _, conf = sp.decode_loop(model, labels, guidance, forced_tokens=tokens, on_step=hook)
     out = {k: torch.stack(v, 1) for k, v in rec.items() if k != "weights"}
@@ -202,7 +202,7 @@ def _random_cache(target: str, rows=4, heads=3, length=9, dim=8):
     cache.advance(length)
     cache.enable_multipliers(target)
     w = torch.rand(rows // 2, length + 1) + 0.1
-    cache.set_multipliers(slice(rows // 2, rows), 0, w)
+    cache.multipliers.write(slice(rows // 2, rows), 0, w)
     return cache, k, v, w
 
 
