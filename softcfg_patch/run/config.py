@@ -270,9 +270,12 @@ def flat_keys(config: DictConfig) -> dict:
 def _node(config: DictConfig, key: str):
     parent_key, _, leaf = key.rpartition(".")
     parent = OmegaConf.select(config, parent_key) if parent_key else config
-    if not isinstance(parent, DictConfig) or leaf not in parent:
+    if not isinstance(parent, DictConfig):
         return None
-    return parent._get_node(leaf)
+    try:  # `leaf in parent` is False for a required value not set yet (???)
+        return parent._get_node(leaf, throw_on_missing_key=False)
+    except OmegaConfBaseException:
+        return None
 
 
 def set_option(config: DictConfig, key: str, raw: str) -> None:

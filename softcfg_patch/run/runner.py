@@ -237,12 +237,9 @@ def run_sampling(config: DictConfig, family: ModelFamily, rank: int = 0, world: 
     manifest, note = on_rank_zero(
         lambda: io.prepare_output(out, run_manifest(config, inputs, want_png, device), bool(s.overwrite)))
 
-    model = family.resolve("load_generator")(config, OmegaConf.select(config, inputs[0].key)).to(device)
-    decode = (family.resolve("image_decoder")(config, OmegaConf.select(config, inputs[1].key), device)
-              if want_png else None)
-    if s.compile:
-        model.decode = torch.compile(model.decode, dynamic=True)
-
+    paths = [OmegaConf.select(config, c.key) for c in inputs]  # generator first, then the decoder's (if any)
+    model = family.resolve("load_generator")(config, paths[0]).to(device)
+    decode = family.resolve("image_decoder")(config, paths[1] if len(paths) > 1 else None, device) if want_png else None
     if rank == 0:
         print(f"sampling {s.num_fid_samples} images into {out} on {world} process(es) ({note}); "
               f"guidance: {guidance}")
@@ -261,7 +258,7 @@ def run_sampling(config: DictConfig, family: ModelFamily, rank: int = 0, world: 
         labels = torch.from_numpy(labels_of(k)).to(device)
         generator = torch.Generator(device=device).manual_seed(batch_seed(s.seed, k))
         with autocast:
-            tokens = generate(model, labels, guidance, generator=generator)
+            tokens = generate(model, labels, guidance, generator=generator, compile=bool(s.compile))
         if want_tokens:
             io.save_npy(io.token_path(out, k), tokens.cpu().numpy().astype(np.int32))
         if want_png:
