@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import os
 from pathlib import Path
 
@@ -379,3 +380,25 @@ def load_state_dict_strict(model: nn.Module, state: dict[str, torch.Tensor], sou
         raise InceptionWeightsError(f"'{source}' is not the FID Inception network: " + "; ".join(parts)
                                     + ". " + _how_to_get())
     model.load_state_dict(state, strict=True)
+
+
+def random_weights(seed: int) -> dict[str, torch.Tensor]:
+    """Seeded random weights of the FID network (recipe: tests/fixtures/inception/README.md
+    section 2), for SMOKE runs: He-normal convs keep activations well scaled, so metrics are
+    finite but meaningless. The BN counters are left out (the loader fills them in)."""
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in FIDInception(weights=None).state_dict().items()
+                  if not k.endswith("num_batches_tracked")}
+    gen, state = torch.Generator().manual_seed(seed), {}
+    for key in sorted(shapes):
+        shape = shapes[key]
+        if key.endswith("bn.running_var"):
+            r = torch.rand(shape, generator=gen, dtype=torch.float64) + 0.5
+        else:
+            r = torch.randn(shape, generator=gen, dtype=torch.float64)
+            scale, shift = (math.sqrt(2.0 / shape[1:].numel()), 0.0) if key.endswith("conv.weight") else \
+                (math.sqrt(1.0 / 2048), 0.0) if key == "fc.weight" else \
+                (0.1, 1.0) if key.endswith("bn.weight") else (0.1, 0.0)
+            r = r * scale + shift
+        state[key] = r.to(torch.float32)
+    return state

@@ -263,3 +263,11 @@ def image_decoder(config, path: str | Path, device: torch.device) -> Callable[[t
     vq = load_vq(path, **config.model.vq_model).to(device)
     size = int(config.sample.image_size_eval)
     return lambda tokens: to_uint8_hwc(resize_for_eval(vq.decode_code(tokens), size))
+
+
+def random_weights(config, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A seeded, default-initialised VQ of `config.model.vq_model`'s sizes (SMOKE runs: the
+    tiny config ships no VQ weights; the images it decodes mean nothing)."""
+    with torch.random.fork_rng(devices=[]):  # leaves the caller's random stream alone
+        torch.manual_seed(seed)
+        return VQModel(**config.model.vq_model).state_dict()

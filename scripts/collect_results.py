@@ -14,15 +14,17 @@ import argparse
 import csv
 import json
 import math
-import os
 import sys
 from pathlib import Path
 from typing import Iterable, Optional
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+from softcfg_patch.run import registry  # noqa: E402
+from softcfg_patch.run.output import atomic_write  # noqa: E402
+
 METRICS = (("fid", "FID", 3), ("inception_score", "IS", 1), ("sfid", "sFID", 3),
            ("precision", "Precision", 3), ("recall", "Recall", 3))  # (key, column, decimals)
 REQUIRED = ("model", "method", "smoke", "guidance", "seed", "num_samples", "metrics", "git_commit")
-SIZE_RANK = {"b": 0, "l": 1, "xl": 2, "xxl": 3}
 SMOKE_BANNER = ("> **SMOKE run** - tiny golden models, a random reference batch and a randomly "
                 "initialised Inception network: these are **NOT real FID / IS numbers**.")
 
@@ -55,8 +57,14 @@ def mean_std(values: list) -> tuple:
 
 
 def model_rank(model: str) -> tuple:
-    fam, _, size = model.partition("_")
-    return fam, SIZE_RANK.get(size, 9), size
+    return registry.size_rank(model)
+
+
+def reference_fids(groups: list) -> list:
+    """"llamagen_xl 2.62" for every model in the table with a published FID (registry)."""
+    models = sorted({g["model"] for g in groups}, key=model_rank)
+    known = {name: fid for family in registry.MODELS.values() for name, fid in family.reference_fid.items()}
+    return [f"{m} {known[m]:g}" for m in models if m in known]
 
 
 def summarize(rows: list) -> list:
@@ -116,6 +124,9 @@ def to_markdown(groups: list, title: str) -> str:
     commits = sorted({c for g in groups for c in g["git_commits"]})
     lines += ["", f"Mean ± sample std (ddof 1) over the seeds; {', '.join(map(str, nums))} samples per run; "
                   f"code {', '.join(c[:12] + ('-dirty' if c.endswith('-dirty') else '') for c in commits)}."]
+    if reference_fids(groups):
+        lines += ["", "Published FID (upstream README, CFG at the upstream setting, 50k samples): "
+                      + ", ".join(reference_fids(groups)) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -123,7 +134,10 @@ def write_csv(groups: list, path: Path) -> None:
     guidance_keys = sorted({k for g in groups for k in g["guidance"]})
     header = (["model", "method", "smoke", "note", "num_samples", "n_seeds", "seeds"] + guidance_keys
               + [f"{k}_{s}" for k, _, _ in METRICS for s in ("mean", "std")] + ["git_commits", "inception_sha256"])
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    atomic_write(path, lambda tmp: _write_csv_rows(tmp, groups, header, guidance_keys))
+
+
+def _write_csv_rows(tmp: Path, groups: list, header: list, guidance_keys: list) -> None:
     with open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(header)
@@ -134,7 +148,6 @@ def write_csv(groups: list, path: Path) -> None:
                         " ".join(map(str, g["seeds"]))] + [g["guidance"].get(k, "") for k in guidance_keys]
                        + ["" if v is None else repr(v) for v in stats]
                        + [" ".join(g["git_commits"]), " ".join(g["inception"])])
-    os.replace(tmp, path)
 
 
 def main(argv: Optional[list] = None) -> int:
@@ -151,10 +164,7 @@ def main(argv: Optional[list] = None) -> int:
     prefix = Path(args.out) if args.out else Path(args.folders[0]) / "results"
     title = args.title or Path(args.folders[0]).resolve().name
     md = to_markdown(groups, title + (" [SMOKE - NOT a real FID]" if any(g["smoke"] for g in groups) else ""))
-    prefix.parent.mkdir(parents=True, exist_ok=True)
-    tmp = prefix.with_name(f".{prefix.name}.md.{os.getpid()}.tmp")
-    tmp.write_text(md)
-    os.replace(tmp, f"{prefix}.md")
+    atomic_write(Path(f"{prefix}.md"), lambda tmp: tmp.write_text(md))
     write_csv(groups, Path(f"{prefix}.csv"))
     print(md)
     print(f"wrote {prefix}.md and {prefix}.csv ({len(rows)} rows, {len(groups)} settings)")

@@ -55,6 +55,11 @@ class ModelFamily:
     example_config: str         # shown in messages, e.g. configs/alitok_xl.yaml
     sample: dict = field(default_factory=dict)   # family-only sample.* keys: {name: Option}
     tokenizer_sizes: bool = True  # model.tokenizer may override the decoder's sizes
+    # Checkpoints the smoke config does not ship: {config key: "module:function"}, function(config)
+    # -> a seeded random state dict (SMOKE runs only; their metrics are meaningless anyway).
+    smoke_weights: dict = field(default_factory=dict)
+    # scripts/sweep.sh's default grid around the known optima: (scales, schedule powers)
+    sweep_grid: tuple = ("", "")
     # Published FIDs (upstream README, CFG at the upstream setting) by config name, for the tables.
     reference_fid: dict = field(default_factory=dict)
 
@@ -131,6 +136,7 @@ register(ModelFamily(
                    "the AliTok release (github.com/ali-vilab/alitok, README 'Download Trained Models': "
                    "AliTok.pth)", decoder_only=True, manifest_name="tokenizer")),
     batch_size=125, smoke_config="tests/configs/alitok_tiny.yaml", example_config="configs/alitok_xl.yaml",
+    sweep_grid=("7 9 11 13", "1.4 1.5"),  # around the known optima (9/1.5, 13/1.4)
 ))
 
 register(ModelFamily(
@@ -148,6 +154,7 @@ register(ModelFamily(
                    "Hugging Face fun-research/TiTok (maskgit-vqgan-imagenet-f16-256.bin)",
                    decoder_only=True, manifest_name="tokenizer")),
     batch_size=50, smoke_config="tests/configs/rar_tiny.yaml", example_config="configs/rar_xl.yaml",
+    sweep_grid=("4.5 6.5 8.5", "1.01 1.5"),  # around RAR-L SoftCFG's 6.5/1.01
 ))
 
 LLAMAGEN_HF = "the LlamaGen Hugging Face repo https://huggingface.co/FoundationVision/LlamaGen"
@@ -175,9 +182,11 @@ register(ModelFamily(
         Checkpoint("experiment.tokenizer_checkpoint", "LlamaGen VQ-16 checkpoint",
                    f"{LLAMAGEN_HF} (vq_ds16_c2i.pt)", decoder_only=True, manifest_name="tokenizer")),
     batch_size=32, smoke_config="tests/configs/llamagen_tiny.yaml", example_config="configs/llamagen_xl.yaml",
+    sweep_grid=("1.5 1.75 2.0 2.5", "0"),  # constant scales around upstream's 1.65-2.0
     sample={"image_size_eval": Option(int, 256, "side of the saved images: decoded at the model's resolution, "
                                                 "then resized (bicubic), as upstream")},
-    tokenizer_sizes=False,
+    tokenizer_sizes=False, smoke_weights={"experiment.tokenizer_checkpoint": "llamagen.vq:random_weights"},
     reference_fid={"llamagen_b_256": 5.46, "llamagen_l": 3.07, "llamagen_xl": 2.62, "llamagen_xxl": 2.34,
                    "llamagen_3b": 2.18},
 ))
+
