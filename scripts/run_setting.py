@@ -33,6 +33,7 @@ import subprocess
 import sys
 import time
 import zipfile
+from dataclasses import fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
@@ -96,13 +97,12 @@ def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
     p.add_argument("--order", type=int, default=0, help="position of the setting in its table")
     p.add_argument("--seed", type=int, default=0, help="sample.seed of the sampler")
     g = p.add_argument_group("guidance (default: the model config's value)")
-    for name in ("guidance_scale", "guidance_scale_pow", "randomize_temperature",
-                 "softcfg_strength", "softcfg_min_weight"):
-        g.add_argument("--" + name.replace("_", "-"), type=float, default=None)
-    g.add_argument("--step-norm", type=parse_bool, default=None, help="true or false")
-    g.add_argument("--softcfg-confidence", choices=CONFIDENCES, default=None)
-    g.add_argument("--softcfg-align", choices=ALIGNMENTS, default=None)
-    g.add_argument("--softcfg-target", choices=TARGETS, default=None)
+    choices = {"softcfg_confidence": CONFIDENCES, "softcfg_align": ALIGNMENTS, "softcfg_target": TARGETS}
+    for f in fields(Guidance):  # one option per Guidance setting, typed like its default
+        kind = type(f.default)
+        g.add_argument("--" + f.name.replace("_", "-"), default=None, choices=choices.get(f.name),
+                       type=parse_bool if kind is bool else None if kind is str else kind,
+                       help="true or false" if kind is bool else None)
     e = p.add_argument_group("run (default: environment variable in brackets)")
     e.add_argument("--smoke", action="store_true", default=env_flag("SMOKE"), help="[SMOKE=1]")
     e.add_argument("--num-samples", type=int, default=env("NUM_SAMPLES"), help="[NUM_SAMPLES] 50000; SMOKE 4")

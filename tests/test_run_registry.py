@@ -154,12 +154,13 @@ def test_llamagen_sampler_end_to_end_on_the_tiny_config(tmp_path, capsys, tiny_v
     args = ["--config", "tests/configs/llamagen_tiny.yaml", f"--experiment.output_dir={out}",
             f"--experiment.tokenizer_checkpoint={tiny_vq_file}", "--sample.num_fid_samples=3",
             "--sample.labels=random", "--sample.save_tokens=True", "--sample.device=cpu",
-            "--sample.precision=fp32", "--model.generator.softcfg_strength=1", "--model.generator.top_k=20"]
+            "--sample.precision=fp32", "--sample.image_size_eval=16", "--model.generator.softcfg_strength=1",
+            "--model.generator.top_k=20"]
     code, err = sample(capsys, "llamagen", *args)
     assert code == 0, err
     tokens, images = read_npz(f"{out}_tokens.npz"), read_npz(f"{out}.npz")
     labels = tokens["labels"]
-    assert images["arr_0"].shape == (3, 8, 8, 3) and np.array_equal(images["labels"], labels)
+    assert images["arr_0"].shape == (3, 16, 16, 3) and np.array_equal(images["labels"], labels)
     assert labels.min() >= 0 and labels.max() < 10
     assert np.array_equal(labels, np.concatenate([runner.class_labels(r, 10, "random", 0, k)
                                                   for k, r in enumerate(runner.batch_plan(3, 2))]))
@@ -172,12 +173,13 @@ def test_llamagen_sampler_end_to_end_on_the_tiny_config(tmp_path, capsys, tiny_v
     expected = sp.generate(model, torch.from_numpy(labels[2:]), guidance, generator=gen)
     assert np.array_equal(tokens["tokens"][2:], expected.numpy())
     vq = load_vq(tiny_vq_file, **config.model.vq_model)
-    decoded = to_uint8_hwc(resize_for_eval(vq.decode_code(expected), 8)).numpy().astype(int)
+    decoded = to_uint8_hwc(resize_for_eval(vq.decode_code(expected), 16)).numpy().astype(int)
     assert np.abs(decoded - images["arr_0"][2:].astype(int)).max() <= 1
     manifest = json.loads(str(images["manifest"]))["images"]
     assert manifest["sample.labels"] == "random" and manifest["model.generator.top_k"] == 20
     # A rerun with the other label rule is another setting: refused, samples kept.
-    code, err = sample(capsys, "llamagen", *args[:-4], "--sample.labels=balanced")
+    code, err = sample(capsys, "llamagen", *[a for a in args if a != "--sample.labels=random"],
+                       "--sample.labels=balanced")
     assert code == 2 and "sample.labels 'random' -> 'balanced'" in err and err.count("\n") == 1
 
 
@@ -193,3 +195,21 @@ def test_llamagen_bad_inputs_get_one_line_errors(arg, message, tmp_path, capsys,
                        f"--experiment.output_dir={tmp_path / 'o'}", f"--experiment.tokenizer_checkpoint={tiny_vq_file}",
                        "--sample.num_fid_samples=1", "--sample.device=cpu", arg)
     assert code == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1, err
+
+
+def test_table_llamagen_smoke(tmp_path):
+    """The one SMOKE run of scripts/table_llamagen.sh (tiny GPT, random VQ and Inception)."""
+    from test_scripts import check_row, rows_of, smoke
+    results = tmp_path / "results"
+    smoke("table_llamagen.sh", results, "b")
+    rows = {r["method"]: r for r in rows_of(results / "table_llamagen")}
+    assert set(rows) == {"CFG", "SoftCFG"}  # SMOKE skips the grid (GRID=0)
+    for row in rows.values():
+        check_row(row)
+        assert row["model"] == "llamagen_b_256" and row["config"] == "tests/configs/llamagen_tiny.yaml"
+    # SMOKE swaps the networks but keeps the real settings: upstream's constant CFG 2.0
+    cfg, soft = rows["CFG"]["guidance"], rows["SoftCFG"]["guidance"]
+    assert (cfg["guidance_scale"], cfg["guidance_scale_pow"], cfg["softcfg_strength"]) == (2.0, 0.0, 0.0)
+    assert (soft["guidance_scale"], soft["softcfg_strength"], soft["step_norm"]) == (2.0, 1.0, True)
+    md = (results / "table_llamagen" / "results.md").read_text()
+    assert "| llamagen_b_256 (SMOKE) | SoftCFG |" in md and "llamagen_b_256 5.46." in md
