@@ -87,7 +87,7 @@ def toy_decoder(config, path, device):
 
 
 TOY = ModelFamily(
-    name="toy", title="Toy", sizes=("s",),
+    name="toy", title="Toy", sizes=("s",), generator_class=f"{__name__}:ToyGPT",
     load_generator=f"{__name__}:load_toy", image_decoder=f"{__name__}:toy_decoder",
     generator={"width": Option(int, 16, "architecture: width"), "tokens": Option(int, 4, "image tokens"),
                "vocab": Option(int, 8, "codebook size")},
@@ -133,7 +133,7 @@ def test_every_config_belongs_to_a_registered_family_and_size():
     ranked = sorted(registry.model_names(), key=registry.size_rank)
     assert ranked.index("llamagen_b_256") < ranked.index("llamagen_3b") and ranked[0] == "alitok_b"
     for family in registry.MODELS.values():  # every lazy path names a real function
-        assert callable(family.resolve("load_generator")) and callable(family.resolve("image_decoder"))
+        assert all(callable(family.resolve(f)) for f in ("generator_class", "load_generator", "image_decoder"))
         assert (ROOT / family.script).is_file() and (ROOT / family.smoke_config).is_file()
         for size in family.sizes:
             parse_cli(["--config", f"configs/{family.config_name(size)}.yaml"], family.name)

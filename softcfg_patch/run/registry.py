@@ -45,6 +45,7 @@ class ModelFamily:
     name: str                   # "alitok": configs/alitok_<size>.yaml, alitok/sample_imagenet.py
     title: str                  # "AliTok", in messages
     sizes: tuple                # config suffixes, smallest first ("b", "l", "xl")
+    generator_class: str        # "alitok.model:ARModel", built as Class(config) (benchmarks: random weights)
     load_generator: str         # "alitok.model:load_generator"
     image_decoder: str          # "alitok.tokenizer:image_decoder"
     generator: dict             # architecture keys of model.generator: {name: Option}
@@ -64,7 +65,7 @@ class ModelFamily:
     reference_fid: dict = field(default_factory=dict)
 
     def resolve(self, what: str) -> Callable:
-        """The function named by `load_generator` / `image_decoder` ("module:attribute")."""
+        """The object named by `generator_class` / `load_generator` / `image_decoder` ("module:attribute")."""
         module, _, attribute = getattr(self, what).partition(":")
         return getattr(importlib.import_module(module), attribute)
 
@@ -123,7 +124,7 @@ ALITOK_RAR_GENERATOR = {
 
 register(ModelFamily(
     name="alitok", title="AliTok", sizes=("b", "l", "xl"),
-    load_generator="alitok.model:load_generator", image_decoder="alitok.tokenizer:image_decoder",
+    generator_class="alitok.model:ARModel", load_generator="alitok.model:load_generator", image_decoder="alitok.tokenizer:image_decoder",
     generator={**ALITOK_RAR_GENERATOR,
                "rope_prefix_len": _arch("leading 1-D rotary positions", default=17),
                "rope_grid_size": _arch("side of the 2-D rotary grid", default=16)},
@@ -141,7 +142,7 @@ register(ModelFamily(
 
 register(ModelFamily(
     name="rar", title="RAR", sizes=("b", "l", "xl", "xxl"),
-    load_generator="rar.model:load_generator", image_decoder="rar.vqgan:image_decoder",
+    generator_class="rar.model:RAR", load_generator="rar.model:load_generator", image_decoder="rar.vqgan:image_decoder",
     generator={**ALITOK_RAR_GENERATOR, "intermediate_size": _arch("MLP width")},
     vq_model={"codebook_size": CODEBOOK, "token_size": TOKEN_SIZE, "num_latent_tokens": LATENT,
               "pretrained_tokenizer_weight": Option(str, MISSING, "MaskGIT-VQGAN weights (RAR's tokenizer); "
@@ -160,7 +161,7 @@ register(ModelFamily(
 LLAMAGEN_HF = "the LlamaGen Hugging Face repo https://huggingface.co/FoundationVision/LlamaGen"
 register(ModelFamily(
     name="llamagen", title="LlamaGen", sizes=("b_256", "b", "l_256", "l", "xl", "xxl", "3b"),
-    load_generator="llamagen.model:load_gpt", image_decoder="llamagen.vq:image_decoder",
+    generator_class="llamagen.model:GPT", load_generator="llamagen.model:load_gpt", image_decoder="llamagen.vq:image_decoder",
     generator={
         "dim": _arch("width"), "n_layer": _arch("number of blocks"), "n_head": _arch("attention heads"),
         "n_kv_head": _arch("key/value heads (null = n_head)", Optional[int], None),
