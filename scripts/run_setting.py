@@ -156,7 +156,7 @@ def effective_guidance(config, args: argparse.Namespace) -> dict:
     gen = config.model.generator
     out = {k: gen.get(k, v) for k, v in GUIDANCE_DEFAULTS.items()}
     for key in out:
-        if getattr(args, key) is not None:
+        if getattr(args, key, None) is not None:
             out[key] = getattr(args, key)
     return {k: (float(v) if isinstance(GUIDANCE_DEFAULTS[k], float) else v) for k, v in out.items()}
 
