@@ -59,6 +59,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("ref_batch", help="reference batch .npz (arr_0 images; optional mu, sigma, mu_s, sigma_s)")
     p.add_argument("sample_batch", help="sample batch .npz (arr_0: uint8 [N, H, W, 3])")
     p.add_argument("--json", metavar="PATH", help="also write the five metrics and the settings used to PATH")
+    add_common_args(p)
+    p.add_argument("--bootstrap", type=int, default=0, metavar="N",
+                   help="also report each metric's bootstrap std and 95%% interval (value +- 1.96 std) from N "
+                        "resamples of the samples (>= 10; 100 is plenty); default 0 = off")
+    p.add_argument("--bootstrap-seed", type=int, default=0, help="seed of the bootstrap resamples (default 0)")
+    p.add_argument("--bootstrap-precision-recall", action="store_true",
+                   help="bootstrap precision and recall too (one k-NN search per resample: slow)")
+    p.add_argument("--fid-method", choices=metrics.FID_METHODS, default="sqrtm",
+                   help="sqrtm: scipy.linalg.sqrtm, ADM's code path (default); eigh: same trace from "
+                        "symmetric eigenvalues, faster on CPU (agrees to ~1e-9)")
+    p.add_argument("--distance", choices=metrics.DISTANCE_RULES, default="fp16",
+                   help="precision/recall distances: fp16 = ADM's half-precision rule (default), fp32 = exact")
+    args = p.parse_args(argv)
+    check_common_args(p, args)
+    if args.bootstrap and args.bootstrap < metrics.MIN_RESAMPLES or args.bootstrap < 0:
+        p.error(f"--bootstrap must be 0 (off) or >= {metrics.MIN_RESAMPLES} resamples, got {args.bootstrap}")
+    return args
+
+
+def add_common_args(p: argparse.ArgumentParser) -> None:
+    """Options shared with evaluations/compare.py: the network, its input and the caches."""
     p.add_argument("--inception-weights", metavar="PATH", default=os.environ.get(WEIGHTS_ENV) or None,
                    help=f"FID Inception weights (pt_inception-2015-12-05-6726825d.pth); default: ${WEIGHTS_ENV}, "
                         f"else ./weights/ or torch.hub's checkpoints folder")
@@ -75,31 +96,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "precomputed mu/sigma stored in the reference file (ADM uses the stored ones)")
     p.add_argument("--no-cache", action="store_true",
                    help="neither read nor write the activation caches next to the reference and sample files")
-    p.add_argument("--bootstrap", type=int, default=0, metavar="N",
-                   help="also report each metric's bootstrap std and 95%% interval (value +- 1.96 std) from N "
-                        "resamples of the samples (>= 10; 100 is plenty); default 0 = off")
-    p.add_argument("--bootstrap-seed", type=int, default=0, help="seed of the bootstrap resamples (default 0)")
-    p.add_argument("--bootstrap-precision-recall", action="store_true",
-                   help="bootstrap precision and recall too (one k-NN search per resample: slow)")
     p.add_argument("--resize", choices=RESIZE_MODES, default="tf1",
                    help="tf1: TensorFlow-1 bilinear, as the ADM graph (default); torch: F.interpolate")
     p.add_argument("--normalize", choices=NORMALIZE_MODES, default="adm",
                    help="adm: (x - 128) / 128 on 0..255 pixels (default); pytorch_fid: 2 * x / 255 - 1")
-    p.add_argument("--fid-method", choices=metrics.FID_METHODS, default="sqrtm",
-                   help="sqrtm: scipy.linalg.sqrtm, ADM's code path (default); eigh: same trace from "
-                        "symmetric eigenvalues, faster on CPU (agrees to ~1e-9)")
-    p.add_argument("--distance", choices=metrics.DISTANCE_RULES, default="fp16",
-                   help="precision/recall distances: fp16 = ADM's half-precision rule (default), fp32 = exact")
-    args = p.parse_args(argv)
+
+
+def check_common_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     for name in ("batch_size", "num_samples"):
         value = getattr(args, name)
         if value is not None and value < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if args.num_workers < 0 or args.image_size < 0:
         p.error("--num-workers and --image-size must be >= 0")
-    if args.bootstrap and args.bootstrap < metrics.MIN_RESAMPLES or args.bootstrap < 0:
-        p.error(f"--bootstrap must be 0 (off) or >= {metrics.MIN_RESAMPLES} resamples, got {args.bootstrap}")
-    return args
 
 
 def resolve_device(name: str) -> torch.device:

@@ -390,11 +390,15 @@ class _FrechetTerms:
     With the reference covariance factored once as F F^T, tr sqrt(S_c S_ref) is the sum of
     square roots of the eigenvalues of F^T S_c F, which is the covariance of the projected rows
     Y = (X - mean) F under the same weights. So each resample costs one weighted Gram matrix of
-    Y (N x r) and one eigvalsh of r x r, batched, in float64 on the device.
+    Y (N x r) and one eigvalsh of r x r, batched, in float64 on the device. With fewer rows than
+    r, the same nonzero eigenvalues come from an N x N matrix: with P = I - 1 c^T / N, the
+    weighted covariance is Y^T P^T diag(c) P Y / (N - 1), whose eigenvalues are those of
+    diag(sqrt c) P (Y Y^T) P^T diag(sqrt c) / (N - 1), and Y Y^T is computed once.
     """
 
     def __init__(self, features: np.ndarray, mu_ref, sigma_ref, device: torch.device):
         mu_ref, sigma_ref = _check_stats(mu_ref, sigma_ref, "reference statistics")
+        self.ref_stats = (mu_ref, sigma_ref)
         if mu_ref.shape[0] != features.shape[1]:
             raise ValueError(f"reference and sample features differ in dimension: {mu_ref.shape[0]} vs "
                              f"{features.shape[1]}")
@@ -404,6 +408,7 @@ class _FrechetTerms:
         self.sq = (self.x * self.x).sum(1)
         factor = torch.from_numpy(_psd_factor(sigma_ref)).to(device)
         self.y = self.x @ factor
+        self.gram = self.y @ self.y.T if self.n < factor.shape[1] else None
         self.mu_ref = torch.from_numpy(np.asarray(mu_ref, dtype=np.float64)).to(device)
         self.tr_ref = float(np.trace(sigma_ref))
 
@@ -412,12 +417,24 @@ class _FrechetTerms:
         n = self.n
         m_x = weights @ self.x / n                                          # [B, D], centred mean
         tr = ((weights @ self.sq) - n * (m_x * m_x).sum(1)) / (n - 1)       # tr S_c
-        m_y = weights @ self.y / n
-        inner = torch.stack([(self.y * w[:, None]).T @ self.y for w in weights])
-        inner = (inner - n * m_y[:, :, None] * m_y[:, None, :]) / (n - 1)  # F^T S_c F
+        inner = self._inner(weights)
         eig = torch.linalg.eigvalsh((inner + inner.transpose(1, 2)) / 2)
         diff = self.mean + m_x - self.mu_ref
         return (diff * diff).sum(1) + tr + self.tr_ref - 2 * eig.clamp_min(0).sqrt().sum(1)
+
+
+    def _inner(self, weights: torch.Tensor) -> torch.Tensor:
+        """[B, k, k] matrices whose eigenvalues are those of F^T S_c F (k = min(N, r))."""
+        n = self.n
+        if self.gram is None:
+            m_y = weights @ self.y / n
+            inner = torch.stack([(self.y * w[:, None]).T @ self.y for w in weights])
+            return (inner - n * m_y[:, :, None] * m_y[:, None, :]) / (n - 1)
+        cg = weights @ self.gram  # c^T G, [B, N]
+        centred = (self.gram - cg[:, None, :] / n - cg[:, :, None] / n
+                   + (cg * weights).sum(1)[:, None, None] / n ** 2)  # P G P^T
+        root = weights.sqrt()
+        return root[:, :, None] * centred * root[:, None, :] / (n - 1)
 
 
 class _InceptionScoreTerms:
@@ -446,18 +463,21 @@ def _check_split_size(split_size: int) -> None:
         raise ValueError(f"split_size must be >= 1, got {split_size}")
 
 
-def _bootstrap_terms(ref: dict, sample: dict, name: str, device: torch.device, split_size: int) -> dict:
+def _bootstrap_terms(ref: dict, sample: dict, name: str, device: torch.device, split_size: int,
+                     ref_stats: dict | None = None) -> dict:
     """{metric: callable(weights [B, N]) -> values [B]} for what `sample` carries: fid (`pool`),
-    sfid (`spatial`), inception_score (`logits`); every array the same number of rows."""
+    sfid (`spatial`), inception_score (`logits`); every array the same number of rows.
+    `ref_stats` caches the reference statistics between calls."""
     _check_split_size(split_size)
-    terms, rows = {}, {}
+    terms, rows, ref_stats = {}, {}, {} if ref_stats is None else ref_stats
     for metric, key, mu_key, sigma_key in (("fid", "pool", "mu", "sigma"), ("sfid", "spatial", "mu_s", "sigma_s")):
         if sample.get(key) is None:
             continue
         x = _features(sample[key], f"{name} {key}", min_rows=2)
         rows[key] = len(x)
-        mu, sigma = _stats_of(ref, key, mu_key, sigma_key, x.shape[1], "ref")
-        terms[metric] = _FrechetTerms(x, mu, sigma, device)
+        if key not in ref_stats:
+            ref_stats[key] = _stats_of(ref, key, mu_key, sigma_key, x.shape[1], "ref")
+        terms[metric] = _FrechetTerms(x, *ref_stats[key], device)
     if sample.get("logits") is not None:
         logits = _features(sample["logits"], f"{name} logits", min_rows=2)
         rows["logits"] = len(logits)
@@ -469,14 +489,12 @@ def _bootstrap_terms(ref: dict, sample: dict, name: str, device: torch.device, s
     return terms
 
 
-def _full_values(ref: dict, sample: dict, terms: dict, split_size: int, fid_method: str) -> dict:
+def _full_values(sample: dict, terms: dict, split_size: int, fid_method: str) -> dict:
     """The metrics of the whole set as the evaluator reports them (ADM's numerics)."""
     out = {}
-    for metric, key, mu_key, sigma_key in (("fid", "pool", "mu", "sigma"), ("sfid", "spatial", "mu_s", "sigma_s")):
+    for metric, key in (("fid", "pool"), ("sfid", "spatial")):
         if metric in terms:
-            x = _features(sample[key], key)
-            mu, sigma = _stats_of(ref, key, mu_key, sigma_key, x.shape[1], "ref")
-            out[metric] = frechet_distance(*statistics(x), mu, sigma, method=fid_method)
+            out[metric] = frechet_distance(*statistics(sample[key]), *terms[metric].ref_stats, method=fid_method)
     if "inception_score" in terms:
         out["inception_score"] = inception_score(sample["logits"], split_size)
     return out
@@ -550,7 +568,7 @@ def bootstrap(ref: dict, sample: dict, num_resamples: int = 100, seed: int = 0, 
     dev = _device(device)
     terms = _bootstrap_terms(ref, sample, "sample", dev, split_size)
     counts = resample_counts(_num_rows(sample), num_resamples, seed, split_size)
-    values = _full_values(ref, sample, terms, split_size, fid_method)
+    values = _full_values(sample, terms, split_size, fid_method)
     draws = _resampled(terms, counts, dev, batch)
     if precision_recall:
         _add_precision_recall(ref, sample, counts, k, dev, values, draws)
@@ -578,8 +596,9 @@ def paired_bootstrap(ref: dict, sample_a: dict, sample_b: dict, num_resamples: i
     """
     _check_resamples(num_resamples)
     dev = _device(device)
-    terms_a = _bootstrap_terms(ref, sample_a, "sample_a", dev, split_size)
-    terms_b = _bootstrap_terms(ref, sample_b, "sample_b", dev, split_size)
+    ref_stats = {}
+    terms_a = _bootstrap_terms(ref, sample_a, "sample_a", dev, split_size, ref_stats)
+    terms_b = _bootstrap_terms(ref, sample_b, "sample_b", dev, split_size, ref_stats)
     if set(terms_a) != set(terms_b):
         raise ValueError(f"sample_a and sample_b carry different arrays ({sorted(terms_a)} vs {sorted(terms_b)})")
     n_a, n_b = (_num_rows(s) for s in (sample_a, sample_b))
@@ -587,8 +606,8 @@ def paired_bootstrap(ref: dict, sample_a: dict, sample_b: dict, num_resamples: i
         raise ValueError(f"paired sets need the same number of rows, got {n_a} (A) and {n_b} (B); pair row i of A "
                          f"with row i of B (same label and seed), or use the unpaired bootstrap on each")
     counts = resample_counts(n_a, num_resamples, seed, split_size)
-    values_a = _full_values(ref, sample_a, terms_a, split_size, fid_method)
-    values_b = _full_values(ref, sample_b, terms_b, split_size, fid_method)
+    values_a = _full_values(sample_a, terms_a, split_size, fid_method)
+    values_b = _full_values(sample_b, terms_b, split_size, fid_method)
     draws_a, draws_b = _resampled(terms_a, counts, dev, batch), _resampled(terms_b, counts, dev, batch)
     if precision_recall:
         for values, draws, sample in ((values_a, draws_a, sample_a), (values_b, draws_b, sample_b)):

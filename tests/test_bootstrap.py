@@ -29,16 +29,18 @@ def test_resample_counts_keep_every_split_whole():
     assert not torch.equal(counts, M.resample_counts(23, 50, seed=4, block=10))
 
 
-def test_weighted_terms_equal_metrics_of_the_repeated_rows(ref):
+@pytest.mark.parametrize("n", [40, 4])  # more rows than dimensions (D x D route) and fewer (N x N route)
+def test_weighted_terms_equal_metrics_of_the_repeated_rows(ref, n):
     # An independent route: materialise the resample with np.repeat and use the plain metrics.
     rng = np.random.default_rng(1)
-    x, logits = gaussian(rng, 40, 0.2), (rng.normal(size=(40, 7)) * 2).astype(np.float32)
-    counts = M.resample_counts(40, 3, seed=0)
+    x, logits = gaussian(rng, n, 0.2), (rng.normal(size=(n, 7)) * 2).astype(np.float32)
+    counts = M.resample_counts(n, 3, seed=0)
     fid_terms = M._FrechetTerms(x, *M.statistics(ref), torch.device("cpu"))
+    assert (fid_terms.gram is None) == (n > D)
     is_terms = M._InceptionScoreTerms(logits, 5000, torch.device("cpu"))
     fids, scores = fid_terms(counts.double()), is_terms(counts.double())
     for c, fid, score in zip(counts.numpy(), fids, scores):
-        rows = np.repeat(np.arange(40), c)
+        rows = np.repeat(np.arange(n), c)
         expected = M.frechet_distance(*M.statistics(x[rows]), *M.statistics(ref), method="eigh")
         assert float(fid) == pytest.approx(expected, rel=1e-6)  # ADM: float32 means
         assert float(score) == pytest.approx(M.inception_score(logits[rows]), rel=1e-5)
