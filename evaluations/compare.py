@@ -44,6 +44,10 @@ class PairingError(ValueError):
     """A and B cannot be compared row by row; the message says why and what to do."""
 
 
+class NoManifestError(PairingError):
+    """A file carries no sampling manifest and labels, so its pairing cannot be checked."""
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="evaluations/compare.py", description=__doc__.split("\n\n")[0])
     p.add_argument("ref_batch", help="reference batch .npz (as for the evaluator)")
@@ -88,7 +92,7 @@ def check_pairing(a: NpzImages, b: NpzImages, n: int) -> str:
     records = {"A": sampling_record(a), "B": sampling_record(b)}
     lacking = [f"{name} ('{f.path}')" for name, f in (("A", a), ("B", b)) if records[name] is None]
     if lacking:
-        raise PairingError(f"{' and '.join(lacking)} carry no sampling manifest and labels (an ADM reference-style "
+        raise NoManifestError(f"{' and '.join(lacking)} carry no sampling manifest and labels (an ADM reference-style "
                            f"npz?), so A and B cannot be checked to share labels and seeds; pass --unpaired to "
                            f"compare them as independent sets")
     ra, rb = records["A"], records["B"]
@@ -102,6 +106,17 @@ def check_pairing(a: NpzImages, b: NpzImages, n: int) -> str:
                            f"--unpaired")
     same = ", ".join(f"{k}={ra['images'][k]}" for k in PAIRING_KEYS)
     return f"paired: same labels and {same}"
+
+
+def pairing_of(a: NpzImages, b: NpzImages, n: int, args) -> str:
+    """check_pairing, except that a caller who knows the pairing from elsewhere (scripts/
+    collect_results.py, from its result rows) sets args.paired_by for files without manifests."""
+    try:
+        return check_pairing(a, b, n)
+    except NoManifestError:
+        if not getattr(args, "paired_by", None):
+            raise
+        return f"paired by {args.paired_by}; the files carry no sampling manifest"
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -159,7 +174,7 @@ def compare(args: argparse.Namespace, network: tuple | None = None) -> dict:
                                      f"{n}; lower --num-samples")
         if min(len(ref), n) < E.MIN_IMAGES:
             raise BatchFileError(f"need at least {E.MIN_IMAGES} reference and sample images, got {len(ref)} and {n}")
-        pairing = "unpaired (independent bootstraps)" if args.unpaired else check_pairing(a, b, n)
+        pairing = "unpaired (independent bootstraps)" if args.unpaired else pairing_of(a, b, n, args)
         shas = E.verify_files(ref, a, b)  # before any number: a corrupt file is an error
         ref_stats = {} if args.recompute_ref_stats else E._precomputed_stats(ref)
         args.torch_device = E.resolve_device(args.device)
