@@ -146,13 +146,13 @@ def verdict(metric: str, d: dict, alpha: float) -> str:
 def report_lines(result: dict) -> list[str]:
     lines = [f"A: {result['a']}", f"B: {result['b']}",
              f"{result['num_samples']} samples each, {result['pairing']}, {result['num_resamples']} resamples",
-             f"{'metric':<16}{'A':>20}{'B':>20}{'B - A (95% CI)':>34}{'p':>9}"]
+             f"{'metric':<16}{'A':>22}{'B':>22}{'B - A (95% CI)':>38}{'p':>9}"]
     for metric, d in result["metrics"].items():
         f = DIGITS.get(metric, 4)
         a = "{:.{f}f} ± {:.{f}f}".format(d["a"], d["a_std"], f=f)
         b = "{:.{f}f} ± {:.{f}f}".format(d["b"], d["b_std"], f=f)
         delta = "{:+.{f}f} ({:+.{f}f} to {:+.{f}f})".format(d["delta"], d["ci_low"], d["ci_high"], f=f)
-        lines.append(f"{LABELS[metric]:<16}{a:>20}{b:>20}{delta:>34}{d['p_value']:>9.3g}")
+        lines.append(f"{LABELS[metric]:<16}{a:>22}{b:>22}{delta:>38}{d['p_value']:>9.3g}")
     lines += [f"{LABELS[m]}: {v}" for m, v in result["verdicts"].items()]
     return lines
 
