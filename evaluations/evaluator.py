@@ -11,8 +11,11 @@ Prints the same progress and result lines, in the same order, as openai/guided-d
     Precision: 0.8265
     Recall: 0.5309
 
-Errors (bad files, missing weights, broken features) exit with status 2, a one-line reason on
-stderr and no result lines. See `--help` for the options.
+`--bootstrap 100` then adds `FID: 1.2711 ± 0.0123 (95% CI 1.2502-1.2960)`-style lines (bootstrap
+std over resampled samples; interval = value +- 1.96 std). Both files are CRC-checked in the
+single pass that hashes them, before anything is scored; activations are cached next to each
+file, keyed by its hash. Errors (bad or corrupt files, missing weights, broken features) exit
+with status 2, a one-line reason on stderr and no result lines. See `--help` for the options.
 """
 from __future__ import annotations
 

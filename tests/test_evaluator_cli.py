@@ -222,6 +222,20 @@ def test_damaged_cache_is_recomputed_and_rewritten(weights, batches, recorder, c
     assert not list(tmp_path.glob(".*.tmp"))
 
 
+def test_sampler_npz_write_removes_a_killed_runs_temporary(tmp_path):
+    from softcfg_patch.imagenet import atomic_write
+    npz = tmp_path / "run.npz"
+    stale = tmp_path / f".run.npz.{_dead_pid()}.tmp"  # what kill -9 during the npz write leaves
+    stale.write_bytes(b"x" * 1000)
+    png = tmp_path / "000001.png"
+    stale_png = tmp_path / f".000001.png.{_dead_pid()}.tmp"
+    stale_png.write_bytes(b"x")
+    atomic_write(png, lambda tmp: tmp.write_bytes(b"png"))
+    assert stale.exists() and stale_png.exists()  # PNG writes do not scan the folder (50k of them)
+    atomic_write(npz, lambda tmp: np.savez(open(tmp, "wb"), np.zeros(3)))
+    assert not stale.exists() and npz.is_file()
+
+
 def test_precomputed_reference_statistics_are_used_unless_recompute(weights, batches, recorder, capsys, tmp_path):
     ref = tmp_path / "ref_with_stats.npz"
     mu, mu_s = np.linspace(0, 1, 2048, dtype=np.float32), np.linspace(0, 1, 2023, dtype=np.float32)
