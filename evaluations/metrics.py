@@ -453,7 +453,7 @@ class _InceptionScoreTerms:
         for start, stop in self.splits:
             w = weights[:, start:stop]
             p_y = w @ self.p[start:stop] / (stop - start)
-            kl = w @ self.h[start:stop] / (stop - start) - (p_y * torch.log(p_y)).sum(1)
+            kl = w @ self.h[start:stop] / (stop - start) - torch.special.xlogy(p_y, p_y).sum(1)  # 0 log 0 = 0
             scores.append(torch.exp(kl))
         return torch.stack(scores, 1).mean(1)
 
