@@ -145,7 +145,19 @@ def test_reference_activations_come_from_the_cache(script_run, weights, batches,
     assert settings["sample_sha256"] == E.file_sha256(batches[1])
 
 
-def test_sample_cache_is_keyed_by_the_file_bytes(script_run, weights, batches, recorder, capsys, tmp_path):
+@pytest.fixture(scope="module")
+def network(weights) -> FIDInception:
+    return FIDInception(weights)
+
+
+@pytest.fixture()
+def loaded_once(network, weights, monkeypatch):
+    """The network built once per module instead of once per in-process run."""
+    monkeypatch.setattr(E, "load_network", lambda args, device: (network, weights, "0" * 64))
+
+
+def test_sample_cache_is_keyed_by_the_file_bytes(script_run, weights, batches, recorder, capsys, tmp_path,
+                                                 loaded_once):
     sample = tmp_path / "sample.npz"
     np.savez(sample, _images(5, seed=9))
     rc, _, _ = _main(capsys, batches[0], sample, "--inception-weights", weights, "--num-samples", "4")
@@ -158,7 +170,7 @@ def test_sample_cache_is_keyed_by_the_file_bytes(script_run, weights, batches, r
     assert len(list(tmp_path.glob("sample.fid-inception-*.npz"))) == 2
 
 
-def test_bootstrap_lines_and_json(script_run, weights, batches, recorder, capsys, tmp_path):
+def test_bootstrap_lines_and_json(script_run, weights, batches, recorder, capsys, tmp_path, loaded_once):
     out = tmp_path / "boot.json"
     rc, stdout, _ = _main(capsys, *batches, "--inception-weights", weights, "--json", out, "--bootstrap", "20")
     assert rc == 0
