@@ -76,7 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="precision/recall distances: fp16 = ADM's half-precision rule (default), fp32 = exact")
     args = p.parse_args(argv)
     check_common_args(p, args)
-    if args.bootstrap and args.bootstrap < metrics.MIN_RESAMPLES or args.bootstrap < 0:
+    if args.bootstrap != 0 and args.bootstrap < metrics.MIN_RESAMPLES:
         p.error(f"--bootstrap must be 0 (off) or >= {metrics.MIN_RESAMPLES} resamples, got {args.bootstrap}")
     return args
 

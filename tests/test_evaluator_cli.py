@@ -349,6 +349,9 @@ def test_bad_option_values_are_rejected(capsys):
     with pytest.raises(SystemExit) as err:
         E.main(["a.npz", "b.npz", "--batch-size", "0"])
     assert err.value.code == 2 and "--batch-size must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as err:
+        E.main(["a.npz", "b.npz", "--bootstrap", "5"])
+    assert err.value.code == 2 and "--bootstrap must be 0 (off) or >= 10 resamples, got 5" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- npz streaming
