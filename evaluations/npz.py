@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
+import time
 import warnings
 import zipfile
 import zlib
@@ -216,13 +217,19 @@ def _hash_and_crc(path: Path, spans: list, inflaters: list, crcs: list, h, chunk
     return crcs
 
 
-def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
+def remove_stale_temporaries(path: str | os.PathLike, min_age_s: float = 60.0) -> list[Path]:
     """Delete the `.NAME.PID.tmp` files that write-then-rename left next to `path` when a process
-    writing it was killed (they can be GBs). A file whose process is still alive is kept."""
+    writing it was killed (they can be GBs). Kept: a file whose process is alive here, and one
+    written in the last `min_age_s` seconds (a writer on another host sharing the folder)."""
     path, removed = Path(path), []
     for tmp in path.parent.glob(f".{path.name}.*.tmp"):
         pid = tmp.name[len(path.name) + 2:-4]
         if not pid.isdigit() or _alive(int(pid)):
+            continue
+        try:
+            if time.time() - tmp.stat().st_mtime < min_age_s:
+                continue
+        except FileNotFoundError:
             continue
         tmp.unlink(missing_ok=True)
         removed.append(tmp)

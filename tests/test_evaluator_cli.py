@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -215,33 +216,39 @@ def _dead_pid() -> int:
     return proc.pid
 
 
+def _leftover(path: Path, pid: int, age_s: float = 3600) -> Path:
+    """A write-then-rename temporary of `pid`, last written `age_s` seconds ago."""
+    tmp = path.with_name(f".{path.name}.{pid}.tmp")
+    tmp.write_bytes(b"half a file")
+    os.utime(tmp, (time.time() - age_s, time.time() - age_s))
+    return tmp
+
+
 def test_damaged_cache_is_recomputed_and_rewritten(weights, batches, recorder, capsys, tmp_path):
     ref = tmp_path / "ref.npz"
     ref.write_bytes(batches[0].read_bytes())
     key = E._cache_key(E.file_sha256(ref), FIDInception(weights))
     E.cache_path(ref, key).write_bytes(b"not an npz")
-    stale = tmp_path / f".{E.cache_path(ref, key).name}.{_dead_pid()}.tmp"  # a run killed while writing
-    stale.write_bytes(b"half a cache")
-    running = tmp_path / f".{E.cache_path(ref, key).name}.{os.getppid()}.tmp"  # a live process's: kept
-    running.write_bytes(b"x")
+    stale = _leftover(E.cache_path(ref, key), _dead_pid())  # a run killed while writing
+    running = _leftover(E.cache_path(ref, key), os.getppid())  # a live process's: kept
+    fresh = _leftover(E.cache_path(ref, key), _dead_pid(), age_s=1)  # maybe another host's writer: kept
     rc, _, stderr = _main(capsys, ref, batches[1], "--inception-weights", weights)
     assert rc == 0 and "ignoring unreadable cache" in stderr
     assert recorder.activation_calls[0] == ("ref.npz", ("pool", "spatial"))
     with np.load(E.cache_path(ref, key)) as cache:  # rewritten whole (atomic rename)
         assert str(cache["key"]) == key and cache["pool"].shape == (4, 2048)
-    assert not stale.exists() and running.exists()
+    assert not stale.exists() and running.exists() and fresh.exists()
     running.unlink()
+    fresh.unlink()
     assert not list(tmp_path.glob(".*.tmp"))
 
 
 def test_sampler_npz_write_removes_a_killed_runs_temporary(tmp_path):
     from softcfg_patch.imagenet import atomic_write
     npz = tmp_path / "run.npz"
-    stale = tmp_path / f".run.npz.{_dead_pid()}.tmp"  # what kill -9 during the npz write leaves
-    stale.write_bytes(b"x" * 1000)
+    stale = _leftover(npz, _dead_pid())  # what kill -9 during the npz write leaves
     png = tmp_path / "000001.png"
-    stale_png = tmp_path / f".000001.png.{_dead_pid()}.tmp"
-    stale_png.write_bytes(b"x")
+    stale_png = _leftover(png, _dead_pid())
     atomic_write(png, lambda tmp: tmp.write_bytes(b"png"))
     assert stale.exists() and stale_png.exists()  # PNG writes do not scan the folder (50k of them)
     atomic_write(npz, lambda tmp: np.savez(open(tmp, "wb"), np.zeros(3)))
