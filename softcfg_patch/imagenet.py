@@ -628,6 +628,9 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
+    if path.suffix == ".npz":  # a killed earlier npz write left a multi-GB temporary: remove it
+        from evaluations.npz import remove_stale_temporaries
+        remove_stale_temporaries(path)
 
 
 def save_png(path: Path, image: np.ndarray) -> None:
