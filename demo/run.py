@@ -11,8 +11,11 @@ path as ImageNet. A digits classifier trained on the real images is the evaluato
 class accuracy, Frechet distance and precision/recall of its features (the project's
 evaluator functions), and per-class pixel diversity relative to real digits.
 
-Writes to --out: results.json, grid_<setting>.png per setting, comparison.png and
-guidance_sweep.png.
+Every Frechet distance comes with its bootstrap std, and each SoftCFG row with its paired
+difference to the CFG row of the same scale (same labels and seed) and a 95 % interval.
+
+Writes to --out: results.json, grid_<setting>.png per setting (captioned with the setting),
+comparison.png and guidance_sweep.png.
 """
 from __future__ import annotations
 
@@ -35,7 +38,9 @@ from tqdm import tqdm
 import softcfg_patch as sp
 from alitok.model import ARModel
 from demo import digits
-from evaluations.metrics import frechet_distance, precision_recall, statistics
+from evaluations.metrics import bootstrap, frechet_distance, paired_bootstrap, precision_recall, statistics
+
+NUM_RESAMPLES = 100  # bootstrap resamples behind every Frechet interval
 
 
 # -- settings ----------------------------------------------------------------------------
@@ -120,14 +125,28 @@ def manifold_precision_recall(real: np.ndarray, samples: np.ndarray) -> tuple[fl
     return precision_recall(real, samples, k=3)
 
 
-def evaluate(clf: digits.DigitClassifier, tokens: torch.Tensor, labels: torch.Tensor, ref: Reference) -> dict:
+def frechet_std(feats: np.ndarray, ref: Reference, seed: int) -> float:
+    """Bootstrap std of the Frechet distance (samples resampled, the real digits fixed)."""
+    return bootstrap({"mu": ref.mu, "sigma": ref.sigma}, {"pool": feats}, NUM_RESAMPLES, seed)["fid"]["std"]
+
+
+def paired_frechet_delta(cfg_feats: np.ndarray, soft_feats: np.ndarray, ref: Reference, seed: int) -> dict:
+    """SoftCFG minus CFG Frechet distance, paired row by row (same labels and seed), with its
+    95 % interval and p-value (evaluations.metrics.paired_bootstrap)."""
+    d = paired_bootstrap({"mu": ref.mu, "sigma": ref.sigma}, {"pool": cfg_feats}, {"pool": soft_feats},
+                         NUM_RESAMPLES, seed)["fid"]
+    return {k: d[k] for k in ("delta", "std", "ci_low", "ci_high", "p_value")}
+
+
+def evaluate(clf: digits.DigitClassifier, tokens: torch.Tensor, labels: torch.Tensor, ref: Reference,
+             seed: int = 0) -> dict:
     """All metrics of one set of samples against the held-out real digits."""
     feats = digits.embed(clf, tokens)
     mu, sigma = statistics(feats)
     precision, recall = manifold_precision_recall(ref.features, feats)
     div = per_class_diversity(digits.to_pixels(tokens).double().numpy(), labels.numpy())
     return {"accuracy": class_accuracy(digits.predict(clf, tokens).numpy(), labels.numpy()),
-            "frechet": frechet(mu, sigma, ref),
+            "frechet": frechet(mu, sigma, ref), "frechet_std": frechet_std(feats, ref, seed),
             "precision": precision, "recall": recall,
             "diversity": float(np.mean(div / ref.diversity)),
             "diversity_per_class": (div / ref.diversity).round(4).tolist()}
@@ -136,6 +155,7 @@ def evaluate(clf: digits.DigitClassifier, tokens: torch.Tensor, labels: torch.Te
 # -- pictures --------------------------------------------------------------------------------
 
 CELL, GAP = 48, 4  # each 8x8 digit is upscaled 6x
+CAPTION_H = 28      # two lines of PIL's default font above every grid
 
 
 def digit_tiles(tokens: torch.Tensor) -> np.ndarray:
@@ -144,17 +164,42 @@ def digit_tiles(tokens: torch.Tensor) -> np.ndarray:
     return np.kron(img, np.ones((CELL // 8, CELL // 8), dtype=np.int64)).astype(np.uint8)
 
 
-def grid_image(tokens: torch.Tensor, per_class: int, columns: int) -> Image.Image:
-    """10 rows (classes) x `columns` samples from class-major tokens [10 * per_class, 64]."""
+def grid_image(tokens: torch.Tensor, per_class: int, columns: int, caption: str = "") -> Image.Image:
+    """10 rows (classes) x `columns` samples from class-major tokens [10 * per_class, 64], under
+    a caption band (up to two lines, e.g. the setting) that is also the PNG's Title."""
     tiles = digit_tiles(tokens).reshape(digits.NUM_CLASSES, per_class, CELL, CELL)[:, :columns]
-    h = digits.NUM_CLASSES * (CELL + GAP) + GAP
+    top = CAPTION_H if caption else 0
+    h = top + digits.NUM_CLASSES * (CELL + GAP) + GAP
     w = columns * (CELL + GAP) + GAP
     canvas = np.full((h, w), 160, dtype=np.uint8)
+    canvas[:top] = 255
     for r in range(digits.NUM_CLASSES):
         for c in range(tiles.shape[1]):
-            y, x = GAP + r * (CELL + GAP), GAP + c * (CELL + GAP)
+            y, x = top + GAP + r * (CELL + GAP), GAP + c * (CELL + GAP)
             canvas[y:y + CELL, x:x + CELL] = tiles[r, c]
-    return Image.fromarray(canvas)
+    image = Image.fromarray(canvas)
+    if caption:
+        ImageDraw.Draw(image).multiline_text((3, 2), caption, fill=0, spacing=2)
+        image.info["Title"] = caption.replace("\n", " - ")
+    return image
+
+
+def caption(s: Setting, seed: int) -> str:
+    """What a grid shows, in the image: method, then gamma / k / alpha and the seed."""
+    g = s.guidance
+    if s.method == "none":
+        return f"{METHOD_LABELS['none']}\nseed={seed}"
+    alpha = f" alpha={g.softcfg_strength:g}" if s.method != "cfg" else ""
+    return f"{METHOD_LABELS[s.method]}\nscale={g.guidance_scale:g} k={g.guidance_scale_pow:g}{alpha} seed={seed}"
+
+
+def save_png(image: Image.Image, path: Path) -> None:
+    """PNG with the caption as its Title text chunk."""
+    from PIL import PngImagePlugin
+    meta = PngImagePlugin.PngInfo()
+    if "Title" in image.info:
+        meta.add_text("Title", image.info["Title"])
+    image.save(path, pnginfo=meta)
 
 
 def comparison_image(panels: dict[str, Image.Image]) -> Image.Image:
@@ -181,8 +226,9 @@ def plot_sweep(rows: list[dict], baseline: dict, scale_pow: float, path: Path) -
     for ax, key, label in zip(axes, ("frechet", "accuracy"), ("Frechet distance (lower is better)",
                                                                 "class accuracy")):
         for method in ("cfg", "softcfg", "softcfg_nosn"):
-            pts = [(r["scale"], r[key]) for r in rows if r["method"] == method]
-            ax.plot(*zip(*pts), marker="o", label=METHOD_LABELS[method])
+            pts = [(r["scale"], r[key], r.get(f"{key}_std", 0.0)) for r in rows if r["method"] == method]
+            xs, ys, errs = zip(*pts)  # error bars: the bootstrap std of the Frechet distance
+            ax.errorbar(xs, ys, yerr=errs if any(errs) else None, marker="o", capsize=3, label=METHOD_LABELS[method])
         none = next(r for r in rows if r["method"] == "none")
         ax.axhline(none[key], color="gray", ls="--", label="no guidance")
         ax.axhline(baseline[key], color="black", ls=":", label="real digits (train split)")
@@ -198,13 +244,21 @@ def plot_sweep(rows: list[dict], baseline: dict, scale_pow: float, path: Path) -
 
 # -- the table -------------------------------------------------------------------------------
 
+def delta_cell(d: dict | None) -> str:
+    if d is None:
+        return "-"
+    return f"{d['delta']:+.2f} ({d['ci_low']:+.2f} to {d['ci_high']:+.2f})"
+
+
 def markdown_table(rows: list[dict]) -> str:
-    head = "| setting | scale | accuracy | Frechet | precision | recall | diversity |"
-    lines = [head, "|---|---|---|---|---|---|---|"]
+    head = ("| setting | scale | accuracy | Frechet ± std | Frechet vs CFG, paired (95% CI) | precision | recall "
+            "| diversity |")
+    lines = [head, "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         scale = "-" if r["method"] in ("none", "real") else f"{r['scale']:g}"
-        lines.append(f"| {r['label']} | {scale} | {r['accuracy']:.3f} | {r['frechet']:.2f} | "
-                     f"{r['precision']:.3f} | {r['recall']:.3f} | {r['diversity']:.3f} |")
+        lines.append(f"| {r['label']} | {scale} | {r['accuracy']:.3f} | {r['frechet']:.2f} ± {r['frechet_std']:.2f} "
+                     f"| {delta_cell(r.get('frechet_vs_cfg'))} | {r['precision']:.3f} | {r['recall']:.3f} "
+                     f"| {r['diversity']:.3f} |")
     return "\n".join(lines)
 
 
@@ -229,8 +283,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--config", default=str(digits.CONFIG_PATH))
     args = p.parse_args(argv)
     if args.samples_per_class is not None and args.samples_per_class < 2:
-        p.error("--samples-per-class must be at least 2 (diversity needs pairs)")
+        fail(f"--samples-per-class must be at least 2 (diversity needs pairs), got {args.samples_per_class}")
+    bad = [s for s in args.scales or [] if not (s > 0 and np.isfinite(s))]
+    if bad:
+        fail(f"--scales must be positive guidance scales, got {bad[0]:g} (no guidance, scale 0, is always "
+             f"included); e.g. --scales 1.5 3 5")
+    if args.scale_pow is not None and not (args.scale_pow >= 0 and np.isfinite(args.scale_pow)):
+        fail(f"--scale-pow must be >= 0 (0 = constant scale), got {args.scale_pow:g}")
+    if args.threads < 1:
+        fail(f"--threads must be >= 1, got {args.threads}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        fail(f"--out {out} is a file; give a folder for the results (it is created if missing)")
     return args
+
+
+def fail(message: str) -> None:
+    """A bad option: one line on stderr, exit status 2."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def load_models(cfg: DictConfig, args: argparse.Namespace, out: Path
@@ -253,7 +324,7 @@ def real_baseline(clf: digits.DigitClassifier, split: digits.DigitsSplit, per_cl
     per_class = min(per_class, int(np.bincount(labels).min()))
     idx = np.concatenate([rng.choice(np.flatnonzero(labels == c), per_class, replace=False)
                           for c in range(digits.NUM_CLASSES)])
-    return evaluate(clf, split.train_tokens[idx], split.train_labels[idx], ref)
+    return evaluate(clf, split.train_tokens[idx], split.train_labels[idx], ref, seed)
 
 
 def sweep(model: ARModel, clf: digits.DigitClassifier, ref: Reference, settings: list[Setting],
@@ -262,16 +333,22 @@ def sweep(model: ARModel, clf: digits.DigitClassifier, ref: Reference, settings:
     save each grid and keep the ones for comparison.png."""
     labels = digits.class_labels(per_class)
     top = max(s.scale for s in settings)
-    rows, panels = [], {}
+    rows, panels, feats = [], {}, {}
     for s in tqdm(settings, desc="sample + evaluate"):
         tokens = digits.sample(model, labels, s.guidance, seed, batch_size)
-        grid = grid_image(tokens, per_class, min(per_class, 10))
-        grid.save(out / f"grid_{s.name}.png")
+        grid = grid_image(tokens, per_class, min(per_class, 10), caption(s, seed))
+        save_png(grid, out / f"grid_{s.name}.png")
         if s.method == "none" or (s.scale == top and s.method in ("cfg", "softcfg")):
             panels[METHOD_LABELS[s.method] + (f" {s.scale:g}" if s.scale else "")] = grid
+        feats[s.name] = digits.embed(clf, tokens)
         rows.append({"setting": s.name, "method": s.method, "label": METHOD_LABELS[s.method],
                      "scale": s.scale, "guidance": s.guidance.to_dict(),
-                     **evaluate(clf, tokens, labels, ref)})
+                     **evaluate(clf, tokens, labels, ref, seed)})
+    by_key = {(r["method"], r["scale"]): r for r in rows}
+    for r in rows:  # same labels and seed as the CFG row of that scale: a paired comparison
+        cfg = by_key.get(("cfg", r["scale"]))
+        if r["method"].startswith("softcfg") and cfg is not None:
+            r["frechet_vs_cfg"] = paired_frechet_delta(feats[cfg["setting"]], feats[r["setting"]], ref, seed)
     return rows, panels
 
 
@@ -291,7 +368,10 @@ def main(argv: list[str] | None = None) -> dict:
     scales = args.scales or list(cfg.demo.guidance_scales)
     scale_pow = cfg.demo.guidance_scale_pow if args.scale_pow is None else args.scale_pow
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        fail(f"cannot create the output folder --out {out} ({err.strerror}); choose another folder")
 
     model, clf, weights = load_models(cfg, args, out)
     split = digits.load_split(cfg)

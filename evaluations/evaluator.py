@@ -11,8 +11,11 @@ Prints the same progress and result lines, in the same order, as openai/guided-d
     Precision: 0.8265
     Recall: 0.5309
 
-Errors (bad files, missing weights, broken features) exit with status 2, a one-line reason on
-stderr and no result lines. See `--help` for the options.
+`--bootstrap 100` then adds `FID: 1.2711 ± 0.0123 (95% CI 1.2502-1.2960)`-style lines (bootstrap
+std over resampled samples; interval = value +- 1.96 std). Both files are CRC-checked in the
+single pass that hashes them, before anything is scored; activations are cached next to each
+file, keyed by its hash. Errors (bad or corrupt files, missing weights, broken features) exit
+with status 2, a one-line reason on stderr and no result lines. See `--help` for the options.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ import os
 import queue
 import sys
 import threading
+import zipfile
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -37,9 +41,14 @@ from tqdm import tqdm
 from evaluations import metrics
 from evaluations.inception import (NORMALIZE_MODES, RESIZE_MODES, WEIGHTS_ENV, FIDInception,
                                    InceptionWeightsError, find_weights)
-from evaluations.npz import BatchFileError, NpzImages, file_sha256
+from evaluations.npz import BatchFileError, NpzImages, file_sha256, verified_sha256
+from softcfg_patch.run.output import atomic_write, save_npz
 
 CACHE_VERSION = 1
+PUBLISHED_WEIGHTS_SHA256_PREFIX = "6726825d"  # torch.hub's check: the file's SHA-256 starts with it
+MIN_UNBIASED_SAMPLES = 10_000
+BOOTSTRAP_LINES = (("Inception Score", "inception_score", 2), ("FID", "fid", 4), ("sFID", "sfid", 4),
+                   ("Precision", "precision", 4), ("Recall", "recall", 4))
 RESULT_LINES = (("Inception Score", "inception_score"), ("FID", "fid"), ("sFID", "sfid"),
                 ("Precision", "precision"), ("Recall", "recall"))
 MIN_IMAGES = 4  # k + 1 for the k=3 manifold radii
@@ -53,6 +62,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("ref_batch", help="reference batch .npz (arr_0 images; optional mu, sigma, mu_s, sigma_s)")
     p.add_argument("sample_batch", help="sample batch .npz (arr_0: uint8 [N, H, W, 3])")
     p.add_argument("--json", metavar="PATH", help="also write the five metrics and the settings used to PATH")
+    add_common_args(p)
+    p.add_argument("--bootstrap", type=int, default=0, metavar="N",
+                   help="also report each metric's bootstrap std and 95%% interval (value +- 1.96 std) from N "
+                        "resamples of the samples (>= 10; 100 is plenty); default 0 = off")
+    p.add_argument("--bootstrap-seed", type=int, default=0, help="seed of the bootstrap resamples (default 0)")
+    p.add_argument("--bootstrap-precision-recall", action="store_true",
+                   help="bootstrap precision and recall too (one k-NN search per resample: slow)")
+    p.add_argument("--fid-method", choices=metrics.FID_METHODS, default="sqrtm",
+                   help="sqrtm: scipy.linalg.sqrtm, ADM's code path (default); eigh: same trace from "
+                        "symmetric eigenvalues, faster on CPU (agrees to ~1e-9)")
+    p.add_argument("--distance", choices=metrics.DISTANCE_RULES, default="fp16",
+                   help="precision/recall distances: fp16 = ADM's half-precision rule (default), fp32 = exact")
+    args = p.parse_args(argv)
+    check_common_args(p, args)
+    if args.bootstrap != 0 and args.bootstrap < metrics.MIN_RESAMPLES:
+        p.error(f"--bootstrap must be 0 (off) or >= {metrics.MIN_RESAMPLES} resamples, got {args.bootstrap}")
+    return args
+
+
+def add_common_args(p: argparse.ArgumentParser) -> None:
+    """Options shared with evaluations/compare.py: the network, its input and the caches."""
     p.add_argument("--inception-weights", metavar="PATH", default=os.environ.get(WEIGHTS_ENV) or None,
                    help=f"FID Inception weights (pt_inception-2015-12-05-6726825d.pth); default: ${WEIGHTS_ENV}, "
                         f"else ./weights/ or torch.hub's checkpoints folder")
@@ -68,24 +98,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="compute FID/sFID reference statistics from the reference images instead of the "
                         "precomputed mu/sigma stored in the reference file (ADM uses the stored ones)")
     p.add_argument("--no-cache", action="store_true",
-                   help="neither read nor write the reference activation cache next to the reference file")
+                   help="neither read nor write the activation caches next to the reference and sample files")
     p.add_argument("--resize", choices=RESIZE_MODES, default="tf1",
                    help="tf1: TensorFlow-1 bilinear, as the ADM graph (default); torch: F.interpolate")
     p.add_argument("--normalize", choices=NORMALIZE_MODES, default="adm",
                    help="adm: (x - 128) / 128 on 0..255 pixels (default); pytorch_fid: 2 * x / 255 - 1")
-    p.add_argument("--fid-method", choices=metrics.FID_METHODS, default="sqrtm",
-                   help="sqrtm: scipy.linalg.sqrtm, ADM's code path (default); eigh: same trace from "
-                        "symmetric eigenvalues, faster on CPU (agrees to ~1e-9)")
-    p.add_argument("--distance", choices=metrics.DISTANCE_RULES, default="fp16",
-                   help="precision/recall distances: fp16 = ADM's half-precision rule (default), fp32 = exact")
-    args = p.parse_args(argv)
+
+
+def check_common_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     for name in ("batch_size", "num_samples"):
         value = getattr(args, name)
         if value is not None and value < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if args.num_workers < 0 or args.image_size < 0:
         p.error("--num-workers and --image-size must be >= 0")
-    return args
 
 
 def resolve_device(name: str) -> torch.device:
@@ -159,52 +185,94 @@ def compute_activations(model: FIDInception, images: NpzImages, *, batch_size: i
     return out
 
 
-def _cache_key(ref_sha: str, model: FIDInception) -> str:
-    """Names the reference file's bytes, the network weights and the pre-processing."""
-    text = f"v{CACHE_VERSION}|{ref_sha}|{model.identity()}|{model.resize}|{model.normalize}|float32"
+def _cache_key(file_sha: str, model: FIDInception) -> str:
+    """Names the batch file's bytes, the network weights and the pre-processing."""
+    text = f"v{CACHE_VERSION}|{file_sha}|{model.identity()}|{model.resize}|{model.normalize}|float32"
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def cache_path(ref_path: Path, key: str) -> Path:
-    return ref_path.with_name(f"{ref_path.stem}.fid-inception-{key[:16]}.npz")
+def cache_path(batch_path: Path, key: str) -> Path:
+    return batch_path.with_name(f"{batch_path.stem}.fid-inception-{key[:16]}.npz")
 
 
-def _atomic_save_npz(path: Path, arrays: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def _read_cache(path: Path, key: str, keys: tuple, rows: int) -> dict | None:
+    """The first `rows` cached activations if the cache names this file and network, else None."""
+    if not path.is_file():
+        return None
     try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+        with np.load(path) as data:
+            if str(data["key"]) != key:
+                return None
+            acts = {k: data[k] for k in keys}
+    except Exception as err:  # a damaged cache is recomputed, never trusted
+        print(f"warning: ignoring unreadable cache {path} ({err})", file=sys.stderr)
+        return None
+    if any(len(v) < rows or not np.isfinite(v[:rows]).all() for v in acts.values()):
+        return None
+    return {k: v[:rows] for k, v in acts.items()}
+
+
+def cached_activations(model: FIDInception, images: NpzImages, args, file_sha: str, *, keys: tuple,
+                       limit: int, desc: str) -> tuple[dict, dict]:
+    """Activations of the first `limit` images, from the cache next to the file when it is valid
+    (keyed by the file's SHA-256 and the network), else computed and cached."""
+    info = {"cache": None, "cache_hit": False}
+    if not args.no_cache:
+        key = _cache_key(file_sha, model)
+        path = info["cache"] = cache_path(images.path, key)
+        acts = _read_cache(path, key, keys, limit)
+        if acts is not None:
+            info["cache_hit"] = True
+            print(f"using cached {desc} activations {path}", file=sys.stderr)
+            return acts, info
+    acts = compute_activations(model, images, batch_size=args.batch_size, limit=limit, num_workers=args.num_workers,
+                               desc=desc, keys=keys)
+    if info["cache"] is not None:
+        try:
+            save_npz(info["cache"], **acts, key=np.array(key))  # also clears a killed run's temporary
+        except OSError as err:  # read-only dataset folder: evaluation still succeeds
+            print(f"warning: could not write the activation cache {info['cache']} ({err})", file=sys.stderr)
+    return acts, info
 
 
 def reference_activations(model: FIDInception, images: NpzImages, args, ref_sha: str) -> tuple[dict, dict]:
     """pool/spatial of every reference image, from the cache next to the file when it is valid."""
-    info = {"cache": None, "cache_hit": False}
-    if not args.no_cache:
-        key = _cache_key(ref_sha, model)
-        path = info["cache"] = cache_path(images.path, key)
-        if path.is_file():
-            try:
-                with np.load(path) as data:
-                    acts = {k: data[k] for k in ("pool", "spatial")}
-                    ok = str(data["key"]) == key and all(len(v) == len(images) for v in acts.values())
-                if ok and all(np.isfinite(v).all() for v in acts.values()):
-                    info["cache_hit"] = True
-                    print(f"using cached reference activations {path}", file=sys.stderr)
-                    return acts, info
-            except Exception as err:  # a damaged cache is recomputed, never trusted
-                print(f"warning: ignoring unreadable cache {path} ({err})", file=sys.stderr)
-    acts = compute_activations(model, images, batch_size=args.batch_size, num_workers=args.num_workers,
-                               desc="reference", keys=("pool", "spatial"))
-    if info["cache"] is not None:
-        try:
-            _atomic_save_npz(info["cache"], {**acts, "key": np.array(key)})
-        except OSError as err:  # read-only dataset folder: evaluation still succeeds
-            print(f"warning: could not write the activation cache {info['cache']} ({err})", file=sys.stderr)
-    return acts, info
+    return cached_activations(model, images, args, ref_sha, keys=("pool", "spatial"), limit=len(images),
+                              desc="reference")
+
+
+def sample_activations(model: FIDInception, images: NpzImages, args, sample_sha: str,
+                       limit: int) -> tuple[dict, dict]:
+    """pool/spatial/logits of the first `limit` samples, cached next to the sample file, so that
+    bootstraps and comparisons (evaluations/compare.py) never recompute them."""
+    return cached_activations(model, images, args, sample_sha, keys=("pool", "spatial", "logits"), limit=limit,
+                              desc="sample")
+
+
+def load_network(args, device: torch.device) -> tuple[FIDInception, Path, str]:
+    """(network, weight file, its SHA-256); warns when the file is not the published one."""
+    weights = find_weights(args.inception_weights)
+    model = FIDInception(weights, resize=args.resize, normalize=args.normalize).to(device)
+    file_sha = file_sha256(weights)
+    print(f"Inception weights {weights} on {device}", file=sys.stderr)
+    if not file_sha.startswith(PUBLISHED_WEIGHTS_SHA256_PREFIX):
+        print(f"warning: {weights} is not the published FID Inception file (its SHA-256 {file_sha[:8]}... does not "
+              f"start with {PUBLISHED_WEIGHTS_SHA256_PREFIX}); these numbers are not comparable with published "
+              f"ones", file=sys.stderr)
+    return model, weights, file_sha
+
+
+def warn_small_n(n: int, what: str = "samples") -> None:
+    if n < MIN_UNBIASED_SAMPLES:
+        print(f"warning: scoring {n} {what}: FID is biased at this N; ADM reports use 50,000 (compare numbers only "
+              f"at equal N)", file=sys.stderr)
+
+
+def verify_files(*batches: NpzImages) -> list[str]:
+    """SHA-256 of each file, read once, with every npz member's CRC checked in the same pass."""
+    return [verified_sha256(b.path, b.role) for b in batches]
 
 
 def _precomputed_stats(images: NpzImages) -> dict:
@@ -239,24 +307,24 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, dict]:
             if n < MIN_IMAGES:
                 raise BatchFileError(f"the {name} batch has {n} images; precision/recall (k=3) need at least "
                                      f"{MIN_IMAGES} (ADM results use 10,000 reference and 50,000 sample images)")
+        ref_sha, sample_sha = verify_files(ref, sample)  # before any number: a corrupt file is an error
         ref_stats = {} if args.recompute_ref_stats else _precomputed_stats(ref)
         sample_stats = _precomputed_stats(sample)
         device = resolve_device(args.device)
-        weights = find_weights(args.inception_weights)
-        model = FIDInception(weights, resize=args.resize, normalize=args.normalize).to(device)
-        print(f"Inception weights {weights} on {device}", file=sys.stderr)
+        model, weights, weights_sha = load_network(args, device)
+        warn_small_n(n_sample)
 
         print("computing reference batch activations...")
-        ref_sha = file_sha256(ref.path)
         ref_acts, cache = reference_activations(model, ref, args, ref_sha)
         print("computing/reading reference batch statistics...")
         print("computing sample batch activations...")
-        sample_acts = compute_activations(model, sample, batch_size=args.batch_size, limit=n_sample,
-                                          num_workers=args.num_workers, desc="samples")
+        sample_acts, sample_cache = sample_activations(model, sample, args, sample_sha, n_sample)
         print("computing/reading sample batch statistics...")
         print("Computing evaluations...")
         results = metrics.compute_all({**ref_acts, **ref_stats}, {**sample_acts, **sample_stats},
                                       fid_method=args.fid_method, distance=args.distance, device=device)
+        if args.bootstrap:
+            results["bootstrap"] = bootstrap_results({**ref_acts, **ref_stats}, sample_acts, results, args, device)
         settings = {
             "ref_batch": str(ref.path), "ref_sha256": ref_sha, "num_ref": len(ref),
             "sample_batch": str(sample.path), "num_samples": n_sample, "image_size": list(sample.shape[1:3]),
@@ -264,7 +332,10 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, dict]:
                           else "computed from the reference images (arr_0)"),
             "sample_stats": ("precomputed mu/sigma/mu_s/sigma_s from the sample file" if sample_stats
                              else "computed from the sample images"),
+            "sample_sha256": sample_sha, "sample_activation_cache": str(sample_cache["cache"] or ""),
+            "sample_cache_hit": sample_cache["cache_hit"],
             "inception_weights": str(weights), "inception_sha256": model.identity(),
+            "inception_file_sha256": weights_sha,
             "resize": args.resize, "normalize": args.normalize, "dtype": "float32",
             "batch_size": args.batch_size, "device": str(device), "num_workers": args.num_workers,
             "activation_cache": str(cache["cache"]) if cache["cache"] else None, "cache_hit": cache["cache_hit"],
@@ -275,21 +346,46 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, dict]:
     return results, settings
 
 
+def bootstrap_results(ref: dict, sample_acts: dict, results: dict, args, device) -> dict:
+    """Bootstrap std and 95 % interval of every metric, centred on the reported (ADM) value."""
+    draws = metrics.bootstrap(ref, sample_acts, args.bootstrap, args.bootstrap_seed, device=device,
+                              precision_recall=args.bootstrap_precision_recall)
+    out = {"num_resamples": args.bootstrap, "seed": args.bootstrap_seed,
+           "interval": "95% = value +- 1.96 bootstrap std (samples resampled, reference fixed)"}
+    for metric, d in draws.items():
+        value = results[metric]
+        out[metric] = {"value": value, "std": d["std"], "ci_low": value - metrics.Z95 * d["std"],
+                       "ci_high": value + metrics.Z95 * d["std"]}
+    return out
+
+
+def bootstrap_lines(boot: dict) -> list[str]:
+    """`FID: 1.2711 ± 0.0123 (95% CI 1.2502-1.2960)`, one line per bootstrapped metric."""
+    lines = [f"bootstrap over {boot['num_resamples']} resamples (seed {boot['seed']}):"]
+    for label, key, digits in BOOTSTRAP_LINES:
+        if key in boot:
+            d = boot[key]
+            lines.append(f"{label}: {d['value']:.{digits}f} ± {d['std']:.{digits}f} "
+                         f"(95% CI {d['ci_low']:.{digits}f}-{d['ci_high']:.{digits}f})")
+    return lines
+
+
 def write_json(path: str, results: dict, settings: dict) -> None:
-    tmp = Path(path).with_name(f".{Path(path).name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({**results, "settings": settings}, indent=2) + "\n")
-    os.replace(tmp, path)
+    text = json.dumps({**results, "settings": settings}, indent=2) + "\n"
+    atomic_write(Path(path), lambda tmp: tmp.write_text(text))
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         results, settings = evaluate(args)
-    except (BatchFileError, InceptionWeightsError, ValueError, OSError) as err:
+    except (BatchFileError, InceptionWeightsError, ValueError, OSError, zipfile.BadZipFile) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     for label, key in RESULT_LINES:  # only now: never a partial result
         print(f"{label}: {results[key]}")
+    if "bootstrap" in results:
+        print("\n".join(bootstrap_lines(results["bootstrap"])))
     if args.json:
         write_json(args.json, results, settings)
     return 0

@@ -25,6 +25,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from softcfg_patch.errors import SoftCFGError
+
 WEIGHT_FILES = {  # published file name -> where to download it by hand
     "pt_inception-2015-12-05-6726825d.pth":
         "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
@@ -40,7 +42,7 @@ INPUT_SIZE = 299
 SPATIAL_CHANNELS = 7  # ADM keeps channels 0..6 of mixed_6/conv for sFID
 
 
-class InceptionWeightsError(ValueError):
+class InceptionWeightsError(SoftCFGError, ValueError):
     """A weight file that exists but is not the FID Inception network."""
 
 

@@ -7,10 +7,13 @@ from squared distances computed in float16 with a float32 fallback per 10000x100
 All functions accept numpy arrays or torch tensors of any feature dimension.
 
     compute_all(ref, sample) -> {"inception_score", "fid", "sfid", "precision", "recall"}
+    bootstrap(ref, sample) -> {metric: {value, std, ci_low, ci_high}}
+    paired_bootstrap(ref, sample_a, sample_b) -> {metric: {a, b, delta, std, ci_low, ci_high, p_value}}
 """
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 
 import numpy as np
@@ -347,3 +350,291 @@ def compute_all(ref: dict, sample: dict, *, split_size: int = 5000, k: int = 3, 
         "precision": precision,
         "recall": recall,
     }
+
+
+# ----------------------------------------------------------------------------- bootstrap
+#
+# How sure is a FID? Resample the sample set's rows with replacement (the reference statistics
+# stay fixed: ADM's reference batch is given) and recompute every metric on each resample. A
+# resample is a vector of counts c (how often each row was drawn), so its statistics are
+# weighted sums over the original rows: nothing is copied, and the Frechet trace needs one
+# small weighted covariance and one symmetric eigendecomposition per resample (see _FrechetTerms).
+
+MIN_RESAMPLES = 10
+Z95 = 1.959963984540054  # the 97.5 % quantile of the standard normal
+
+
+def _check_resamples(num_resamples: int) -> None:
+    if int(num_resamples) != num_resamples or num_resamples < MIN_RESAMPLES:
+        raise ValueError(f"num_resamples must be a whole number >= {MIN_RESAMPLES} (a standard deviation from "
+                         f"fewer resamples is noise), got {num_resamples}; use 100 or more")
+
+
+def resample_counts(n: int, num_resamples: int, seed: int, block: int = 5000) -> torch.Tensor:
+    """Bootstrap counts [num_resamples, n] (int64), drawn on the CPU from `seed` so that results
+    do not depend on the device. Rows are resampled within consecutive blocks of `block` rows
+    (the Inception Score's splits), so every split keeps its size; for n <= block this is the
+    plain bootstrap."""
+    gen = torch.Generator().manual_seed(int(seed))
+    start = torch.arange(n) // block * block
+    length = torch.clamp(n - start, max=block)
+    u = torch.rand(num_resamples, n, generator=gen, dtype=torch.float64)
+    idx = start + torch.clamp((u * length).long(), max=length - 1)
+    counts = torch.zeros(num_resamples, n, dtype=torch.int64)
+    return counts.scatter_add_(1, idx, torch.ones_like(idx))
+
+
+class _FrechetTerms:
+    """Frechet distances of reweighted copies of one sample set to a fixed reference.
+
+    With the reference covariance factored once as F F^T, tr sqrt(S_c S_ref) is the sum of
+    square roots of the eigenvalues of F^T S_c F, which is the covariance of the projected rows
+    Y = (X - mean) F under the same weights. So each resample costs one weighted Gram matrix of
+    Y (N x r) and one eigvalsh of r x r, batched, in float64 on the device. With fewer rows than
+    r, the same nonzero eigenvalues come from an N x N matrix: with P = I - 1 c^T / N, the
+    weighted covariance is Y^T P^T diag(c) P Y / (N - 1), whose eigenvalues are those of
+    diag(sqrt c) P (Y Y^T) P^T diag(sqrt c) / (N - 1), and Y Y^T is computed once.
+    """
+
+    def __init__(self, features: np.ndarray, mu_ref, sigma_ref, device: torch.device):
+        mu_ref, sigma_ref = _check_stats(mu_ref, sigma_ref, "reference statistics")
+        self.ref_stats = (mu_ref, sigma_ref)
+        if mu_ref.shape[0] != features.shape[1]:
+            raise ValueError(f"reference and sample features differ in dimension: {mu_ref.shape[0]} vs "
+                             f"{features.shape[1]}")
+        x = torch.from_numpy(features).to(device, torch.float64)
+        self.n, self.mean = len(x), x.mean(0)
+        self.x = x - self.mean  # centred: keeps the weighted sums well conditioned
+        self.sq = (self.x * self.x).sum(1)
+        factor = torch.from_numpy(_psd_factor(sigma_ref)).to(device)
+        self.y = self.x @ factor
+        self.gram = self.y @ self.y.T if self.n < factor.shape[1] else None
+        self.mu_ref = torch.from_numpy(np.asarray(mu_ref, dtype=np.float64)).to(device)
+        self.tr_ref = float(np.trace(sigma_ref))
+
+    def __call__(self, weights: torch.Tensor) -> torch.Tensor:
+        """FID for each row of `weights` [B, N] (resample counts, each row summing to N)."""
+        n = self.n
+        m_x = weights @ self.x / n                                          # [B, D], centred mean
+        tr = ((weights @ self.sq) - n * (m_x * m_x).sum(1)) / (n - 1)       # tr S_c
+        inner = self._inner(weights)
+        eig = torch.linalg.eigvalsh((inner + inner.transpose(1, 2)) / 2)
+        diff = self.mean + m_x - self.mu_ref
+        return (diff * diff).sum(1) + tr + self.tr_ref - 2 * eig.clamp_min(0).sqrt().sum(1)
+
+
+    def _inner(self, weights: torch.Tensor) -> torch.Tensor:
+        """[B, k, k] matrices whose eigenvalues are those of F^T S_c F (k = min(N, r))."""
+        n = self.n
+        if self.gram is None:
+            m_y = weights @ self.y / n
+            inner = torch.stack([(self.y * w[:, None]).T @ self.y for w in weights])
+            return (inner - n * m_y[:, :, None] * m_y[:, None, :]) / (n - 1)
+        cg = weights @ self.gram  # c^T G, [B, N]
+        centred = (self.gram - cg[:, None, :] / n - cg[:, :, None] / n
+                   + (cg * weights).sum(1)[:, None, None] / n ** 2)  # P G P^T
+        root = weights.sqrt()
+        return root[:, :, None] * centred * root[:, None, :] / (n - 1)
+
+
+class _InceptionScoreTerms:
+    """Inception Scores of reweighted copies of the logits, split by split as ADM (float64):
+    with counts c over a split of L rows, p_y = sum c_i p_i / L and
+    IS_split = exp(sum c_i H_i / L - p_y . log p_y), H_i = p_i . log p_i."""
+
+    def __init__(self, logits: np.ndarray, split_size: int, device: torch.device):
+        z = torch.from_numpy(logits).to(device, torch.float64)
+        self.p = torch.softmax(z, 1)
+        self.h = (self.p * torch.log_softmax(z, 1)).sum(1)
+        self.splits = [(s, min(s + split_size, len(z))) for s in range(0, len(z), split_size)]
+
+    def __call__(self, weights: torch.Tensor) -> torch.Tensor:
+        scores = []
+        for start, stop in self.splits:
+            w = weights[:, start:stop]
+            p_y = w @ self.p[start:stop] / (stop - start)
+            kl = w @ self.h[start:stop] / (stop - start) - torch.special.xlogy(p_y, p_y).sum(1)  # 0 log 0 = 0
+            scores.append(torch.exp(kl))
+        return torch.stack(scores, 1).mean(1)
+
+
+def _check_split_size(split_size: int) -> None:
+    if split_size < 1:
+        raise ValueError(f"split_size must be >= 1, got {split_size}")
+
+
+def _bootstrap_terms(ref: dict, sample: dict, name: str, device: torch.device, split_size: int,
+                     ref_stats: dict | None = None) -> dict:
+    """{metric: callable(weights [B, N]) -> values [B]} for what `sample` carries: fid (`pool`),
+    sfid (`spatial`), inception_score (`logits`); every array the same number of rows.
+    `ref_stats` caches the reference statistics between calls."""
+    _check_split_size(split_size)
+    terms, rows, ref_stats = {}, {}, {} if ref_stats is None else ref_stats
+    for metric, key, mu_key, sigma_key in (("fid", "pool", "mu", "sigma"), ("sfid", "spatial", "mu_s", "sigma_s")):
+        if sample.get(key) is None:
+            continue
+        x = _features(sample[key], f"{name} {key}", min_rows=2)
+        rows[key] = len(x)
+        if key not in ref_stats:
+            ref_stats[key] = _stats_of(ref, key, mu_key, sigma_key, x.shape[1], "ref")
+        terms[metric] = _FrechetTerms(x, *ref_stats[key], device)
+    if sample.get("logits") is not None:
+        logits = _features(sample["logits"], f"{name} logits", min_rows=2)
+        rows["logits"] = len(logits)
+        terms["inception_score"] = _InceptionScoreTerms(logits, split_size, device)
+    if not terms:
+        raise ValueError(f"{name} needs at least one of 'pool', 'spatial' (features [N, D]) or 'logits' [N, C]")
+    if len(set(rows.values())) > 1:
+        raise ValueError(f"{name} arrays have different numbers of rows: {rows}; they must describe the same images")
+    return terms
+
+
+def _full_values(sample: dict, terms: dict, split_size: int, fid_method: str) -> dict:
+    """The metrics of the whole set as the evaluator reports them (ADM's numerics)."""
+    out = {}
+    for metric, key in (("fid", "pool"), ("sfid", "spatial")):
+        if metric in terms:
+            out[metric] = frechet_distance(*statistics(sample[key]), *terms[metric].ref_stats, method=fid_method)
+    if "inception_score" in terms:
+        out["inception_score"] = inception_score(sample["logits"], split_size)
+    return out
+
+
+def _resampled(terms: dict, counts: torch.Tensor, device: torch.device, batch: int) -> dict:
+    """{metric: float64 numpy [num_resamples]} over the resamples, `batch` resamples at a time."""
+    out = {m: [] for m in terms}
+    for start in range(0, len(counts), batch):
+        w = counts[start:start + batch].to(device, torch.float64)
+        for metric, term in terms.items():
+            out[metric].append(term(w).cpu())
+    return {m: torch.cat(v).numpy() for m, v in out.items()}
+
+
+def _resampled_precision_recall(ref: dict, sample: dict, counts: torch.Tensor, k: int, device) -> dict:
+    """Precision and recall per resample. The reference manifold is fixed, so precision is the
+    count-weighted share of samples inside it. The sample manifold is rebuilt from the resample's
+    unique rows (a repeated row would have a k-NN radius of zero), which costs a k-NN search each."""
+    ref_pool = _features(ref.get("pool"), "ref pool", min_rows=k + 1)
+    pool = _features(sample["pool"], "sample pool", dim=ref_pool.shape[1], min_rows=k + 1)
+    ref_radii = manifold_radii(ref_pool, k, device=device)
+    sample_in, _ = manifold_membership(ref_pool, ref_radii, pool, manifold_radii(pool, k, device=device),
+                                       device=device)
+    precision = counts.double().numpy() @ sample_in.astype(np.float64) / len(pool)
+    recall = []
+    for c in counts.numpy():
+        unique = pool[c > 0]
+        if len(unique) <= k:
+            raise ValueError(f"a resample has only {len(unique)} distinct rows; precision/recall need more than "
+                             f"k={k}: use more samples or leave precision/recall out")
+        _, ref_in = manifold_membership(ref_pool, ref_radii, unique, manifold_radii(unique, k, device=device),
+                                        device=device)
+        recall.append(float(np.mean(ref_in, dtype=np.float64)))
+    return {"precision": precision, "recall": np.asarray(recall)}
+
+
+_precision_recall = precision_recall  # the bootstrap functions' flag of the same name hides it
+
+
+def _add_precision_recall(ref: dict, sample: dict, counts: torch.Tensor, k: int, device, values: dict,
+                          draws: dict) -> None:
+    values["precision"], values["recall"] = _precision_recall(ref["pool"], sample["pool"], k=k, device=device)
+    draws.update(_resampled_precision_recall(ref, sample, counts, k, device))
+
+
+def _interval(value: float, std: float) -> tuple[float, float]:
+    return value - Z95 * std, value + Z95 * std
+
+
+def bootstrap(ref: dict, sample: dict, num_resamples: int = 100, seed: int = 0, *,
+              precision_recall: bool = False, split_size: int = 5000, k: int = 3, fid_method: str = "eigh",
+              batch: int = 8, device=None) -> dict[str, dict[str, float]]:
+    """Bootstrap uncertainty of the metrics of one sample set against a fixed reference.
+
+    ref / sample: the dicts `compute_all` takes, any feature dimension: fid needs `pool` in the
+    sample (and `pool` or `mu`/`sigma` in ref), sfid `spatial` (or `mu_s`/`sigma_s`),
+    inception_score the sample's `logits`; metrics whose inputs are absent are left out.
+    Precision and recall (`precision_recall=True`) need `pool` in both and cost one k-NN search
+    per resample.
+
+    Returns {metric: {value, std, ci_low, ci_high}}: value = the full-set metric (ADM's number;
+    FID with `fid_method`), std = the standard deviation over `num_resamples` resamples (rows
+    drawn with replacement within the Inception Score's splits of `split_size` rows), and the
+    95 % interval value +- 1.96 std. Not a percentile interval: resampling repeats rows, which
+    lowers the effective N, so FID's bootstrap distribution sits above the value and its
+    percentiles can miss the value entirely; its spread is still the sampling noise of the value.
+    Deterministic for a given seed, on any device.
+    """
+    _check_resamples(num_resamples)
+    dev = _device(device)
+    terms = _bootstrap_terms(ref, sample, "sample", dev, split_size)
+    counts = resample_counts(_num_rows(sample), num_resamples, seed, split_size)
+    values = _full_values(sample, terms, split_size, fid_method)
+    draws = _resampled(terms, counts, dev, batch)
+    if precision_recall:
+        _add_precision_recall(ref, sample, counts, k, dev, values, draws)
+    out = {}
+    for metric, value in values.items():
+        std = float(np.std(draws[metric], ddof=1))
+        low, high = _interval(value, std)
+        out[metric] = {"value": float(value), "std": std, "ci_low": low, "ci_high": high}
+    return out
+
+
+def paired_bootstrap(ref: dict, sample_a: dict, sample_b: dict, num_resamples: int = 200, seed: int = 0, *,
+                     precision_recall: bool = False, split_size: int = 5000, k: int = 3, fid_method: str = "eigh",
+                     batch: int = 8, device=None) -> dict[str, dict[str, float]]:
+    """Is B better than A? The two sample sets are paired row by row (same class label and seed,
+    as the samplers produce for two guidance settings), so one set of resampled row indices is
+    applied to both: noise shared by a pair of rows cancels in the difference.
+
+    Returns per metric {a, b, delta, std, ci_low, ci_high, p_value, a_std, b_std}: a and b the
+    full-set values, delta = b - a, std the bootstrap std of the resampled deltas, the 95 %
+    interval delta +- 1.96 std, and the two-sided p-value of delta = 0 from the normal
+    approximation 2 (1 - Phi(|delta| / std)), consistent with the interval (a resampling count
+    cannot resolve small p-values). a_std / b_std: each set's own bootstrap std.
+    Precision and recall (`precision_recall=True`) rebuild the sample manifold on unique rows.
+    """
+    _check_resamples(num_resamples)
+    dev = _device(device)
+    ref_stats = {}
+    terms_a = _bootstrap_terms(ref, sample_a, "sample_a", dev, split_size, ref_stats)
+    terms_b = _bootstrap_terms(ref, sample_b, "sample_b", dev, split_size, ref_stats)
+    if set(terms_a) != set(terms_b):
+        raise ValueError(f"sample_a and sample_b carry different arrays ({sorted(terms_a)} vs {sorted(terms_b)})")
+    n_a, n_b = (_num_rows(s) for s in (sample_a, sample_b))
+    if n_a != n_b:
+        raise ValueError(f"paired sets need the same number of rows, got {n_a} (A) and {n_b} (B); pair row i of A "
+                         f"with row i of B (same label and seed), or use the unpaired bootstrap on each")
+    counts = resample_counts(n_a, num_resamples, seed, split_size)
+    values_a = _full_values(sample_a, terms_a, split_size, fid_method)
+    values_b = _full_values(sample_b, terms_b, split_size, fid_method)
+    draws_a, draws_b = _resampled(terms_a, counts, dev, batch), _resampled(terms_b, counts, dev, batch)
+    if precision_recall:
+        for values, draws, sample in ((values_a, draws_a, sample_a), (values_b, draws_b, sample_b)):
+            _add_precision_recall(ref, sample, counts, k, dev, values, draws)
+    out = {}
+    for metric in values_a:
+        a, b = float(values_a[metric]), float(values_b[metric])
+        std = float(np.std(draws_b[metric] - draws_a[metric], ddof=1))
+        low, high = _interval(b - a, std)
+        out[metric] = {"a": a, "b": b, "delta": b - a, "std": std, "ci_low": low, "ci_high": high,
+                       "p_value": two_sided_p(b - a, std),
+                       "a_std": float(np.std(draws_a[metric], ddof=1)),
+                       "b_std": float(np.std(draws_b[metric], ddof=1))}
+    return out
+
+
+def _num_rows(sample: dict) -> int:
+    for key in ("pool", "spatial", "logits"):
+        if sample.get(key) is not None:
+            return len(sample[key])
+    return 0
+
+
+def two_sided_p(delta: float, std: float) -> float:
+    """2 (1 - Phi(|delta| / std)) from the normal approximation; 1 for delta = 0."""
+    if delta == 0:
+        return 1.0
+    if std <= 0:
+        return 0.0
+    return float(math.erfc(abs(delta) / std / math.sqrt(2)))

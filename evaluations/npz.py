@@ -10,18 +10,22 @@ from __future__ import annotations
 
 import hashlib
 import os
+import struct
 import warnings
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
+from softcfg_patch.errors import SoftCFGError
+
 IMAGES_KEY = "arr_0"
 STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
 
 
-class BatchFileError(ValueError):
+class BatchFileError(SoftCFGError, ValueError):
     """An npz batch file that cannot be evaluated; the message says what to fix."""
 
 
@@ -94,6 +98,12 @@ class NpzImages:
                 yield np.ascontiguousarray(data[start:min(start + batch_size, n)])
             return
         row_bytes = int(np.prod(self.shape[1:])) * self.dtype.itemsize
+        try:
+            yield from self._stream(n, batch_size, row_bytes)
+        except zipfile.BadZipFile as err:
+            raise BatchFileError(f"{self.role} file '{self.path}' is corrupt ({err}); write it again") from err
+
+    def _stream(self, n: int, batch_size: int, row_bytes: int) -> Iterator[np.ndarray]:
         with self._zip.open(self._info) as f:
             _read_npy_header(f)  # skip to the data
             for start in range(0, n, batch_size):
@@ -111,10 +121,18 @@ class NpzImages:
 
     def read_stats(self) -> dict[str, np.ndarray]:
         """Precomputed `mu`, `sigma`, `mu_s`, `sigma_s` present in the file (ADM reference batches)."""
-        if not self.stat_names:
+        return self.read_arrays(self.stat_names)
+
+    def read_arrays(self, names) -> dict[str, np.ndarray]:
+        """The small arrays among `names` that the file holds (e.g. `labels`, `manifest`), read whole."""
+        present = [k for k in names if k + ".npy" in self._zip.namelist()]
+        if not present:
             return {}
-        with np.load(self.path) as data:
-            return {k: data[k] for k in self.stat_names}
+        try:
+            with np.load(self.path, allow_pickle=False) as data:
+                return {k: data[k] for k in present}
+        except (ValueError, OSError, zipfile.BadZipFile) as err:
+            raise BatchFileError(f"{self.role} file '{self.path}': cannot read {present} ({err})") from err
 
     def close(self) -> None:
         self._zip.close()
@@ -136,6 +154,68 @@ def _read_npy_header(f) -> tuple[tuple, np.dtype, bool, bool]:
     else:
         raise BatchFileError(f"unsupported .npy format version {version}; rewrite the file with np.savez")
     return tuple(shape), np.dtype(dtype), bool(fortran), not (fortran or dtype.hasobject)
+
+
+def _member_spans(path: Path) -> list[tuple[zipfile.ZipInfo, int, int]]:
+    """(info, first data byte, end) of every member, from the local headers (whose extra field
+    can differ in length from the central directory's)."""
+    spans = []
+    with zipfile.ZipFile(path) as zf, open(path, "rb") as f:
+        for info in zf.infolist():
+            if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+                raise BatchFileError(f"'{path}': member {info.filename} uses zip compression {info.compress_type}; "
+                                     f"rewrite the file with np.savez or np.savez_compressed")
+            f.seek(info.header_offset)
+            header = f.read(30)
+            if len(header) != 30 or header[:4] != b"PK\x03\x04":
+                raise BatchFileError(f"'{path}': the zip header of {info.filename} is damaged; rewrite the file")
+            name_len, extra_len = struct.unpack("<HH", header[26:30])
+            start = info.header_offset + 30 + name_len + extra_len
+            spans.append((info, start, start + info.compress_size))
+    return sorted(spans, key=lambda s: s[1])
+
+
+def verified_sha256(path: str | os.PathLike, role: str = "batch", chunk: int = 1 << 24) -> str:
+    """SHA-256 of a file's bytes, and in the same single read the CRC-32 of every npz member's
+    uncompressed data, checked against the zip directory. A damaged file is a BatchFileError
+    before any of its rows is scored (reading only the first rows never reaches the CRC)."""
+    path = Path(path)
+    try:
+        spans = _member_spans(path)
+    except (zipfile.BadZipFile, OSError, struct.error) as err:
+        raise BatchFileError(f"{role} file '{path}' is not a readable .npz (zip) file ({err}); rewrite it") from err
+    crcs = [0] * len(spans)
+    inflaters = [zlib.decompressobj(-15) if info.compress_type == zipfile.ZIP_DEFLATED else None
+                 for info, _, _ in spans]
+    h = hashlib.sha256()
+    try:
+        crcs = _hash_and_crc(path, spans, inflaters, crcs, h, chunk)
+    except zlib.error as err:
+        raise BatchFileError(f"{role} file '{path}' is corrupt: a compressed member does not inflate ({err}); "
+                             f"copy or write the file again") from err
+    for (info, _, _), crc, inflater in zip(spans, crcs, inflaters):
+        if inflater is not None:
+            crc = zlib.crc32(inflater.flush(), crc)
+        if crc != info.CRC:
+            raise BatchFileError(f"{role} file '{path}' is corrupt: member {info.filename} fails its CRC-32 check "
+                                 f"(stored {info.CRC:08x}, read {crc:08x}); copy or write the file again")
+    return h.hexdigest()
+
+
+def _hash_and_crc(path: Path, spans: list, inflaters: list, crcs: list, h, chunk: int) -> list:
+    pos = 0
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+            for i, (info, start, end) in enumerate(spans):
+                lo, hi = max(start, pos), min(end, pos + len(block))
+                if lo < hi:
+                    data = block[lo - pos:hi - pos]
+                    if inflaters[i] is not None:
+                        data = inflaters[i].decompress(data)
+                    crcs[i] = zlib.crc32(data, crcs[i])
+            pos += len(block)
+    return crcs
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 24) -> str:

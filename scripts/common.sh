@@ -5,6 +5,7 @@
 #   NPROC       processes per run (>1: python -m torch.distributed.run)
 #   WEIGHTS     checkpoint folder (weights/)           REF  reference npz (WEIGHTS/VIRTUAL_imagenet256_labeled.npz)
 #   INCEPTION   FID Inception weights (default: the evaluator's search)
+#   BOOTSTRAP   bootstrap resamples: each row's std and 95% interval (default 100), paired deltas (200)
 #   BATCH, DEVICE, WANDB=1, DELETE_SAMPLES=1, PYTHON  see scripts/run_setting.py --help
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -27,9 +28,11 @@ setting() {
   done
 }
 
-# collect TABLE: RESULTS/TABLE/results.md and results.csv from the rows.
+# collect TABLE [BASELINE]: RESULTS/TABLE/results.md and results.csv from the rows; with BASELINE
+# (the method label of the CFG row, e.g. CFG), every other row gets its paired FID delta to the
+# BASELINE row of the same seed.
 collect() {
-  "$PYTHON" "$REPO/scripts/collect_results.py" "$RESULTS/$1"
+  "$PYTHON" "$REPO/scripts/collect_results.py" "$RESULTS/$1" ${2:+--baseline "$2"}
 }
 
 usage_error() {

@@ -3,14 +3,14 @@
 
     python scripts/plot_sweep.py results/sweep_alitok_xl [--out sweep.png]
 
-One line per (model, method, schedule power k); points are the mean over seeds and the
-error bars the sample std when there are several seeds. SMOKE rows are labelled in the
-title, the legend and the PNG's metadata.
+One line per (model, method, SoftCFG strength, schedule power k); points are the mean over
+seeds; error bars are the sample std over seeds when there are several, else one run's
+bootstrap std (the evaluator's --bootstrap). SMOKE rows are labelled in the title, the
+legend and the PNG's metadata.
 """
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -23,11 +23,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from collect_results import load_rows, summarize  # noqa: E402
 
+from softcfg_patch.run.output import atomic_write  # noqa: E402 (collect_results put the repository on sys.path)
+
 PANELS = (("fid", "FID (lower is better)"), ("inception_score", "Inception Score (higher is better)"))
 
 
 def line_label(g: dict) -> str:
-    kind = "SoftCFG" if g["guidance"]["softcfg_strength"] > 0 else "CFG"
+    alpha = g["guidance"]["softcfg_strength"]
+    kind = f"SoftCFG α={alpha:g}" if alpha > 0 else "CFG"
     return f"{g['model']} {kind}, k={g['guidance']['guidance_scale_pow']:g}" + (" [SMOKE]" if g["smoke"] else "")
 
 
@@ -50,7 +53,7 @@ def plot(groups: list, out: Path) -> Path:
             xs = [g["guidance"]["guidance_scale"] for g in members]
             stats = [g["metrics"][metric] for g in members]
             ys = [m for m, _, _ in stats]
-            err = [s or 0.0 for _, s, _ in stats]
+            err = [s if s is not None else (g["boot_std"][metric] or 0.0) for g, (_, s, _) in zip(members, stats)]
             ax.errorbar(xs, ys, yerr=err if any(err) else None, marker="o", capsize=3, label=label,
                         linestyle="-" if "SoftCFG" in label else "--")
         ax.set_xlabel("guidance scale γ")
@@ -60,11 +63,11 @@ def plot(groups: list, out: Path) -> Path:
     axes[0].legend(fontsize=8)
     fig.suptitle(title, color="red" if smoke else "black")
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.stem}.{os.getpid()}.tmp{out.suffix}")  # keep the suffix: it picks the format
-    fig.savefig(tmp, dpi=120, metadata={"Title": title.replace("\n", " - ")})
-    plt.close(fig)
-    os.replace(tmp, out)
+    try:  # the temporary name has no image suffix: say the format
+        atomic_write(out, lambda tmp: fig.savefig(tmp, format=out.suffix[1:] or "png", dpi=120,
+                                                  metadata={"Title": title.replace("\n", " - ")}))
+    finally:
+        plt.close(fig)
     return out
 
 

@@ -122,6 +122,8 @@ def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
     e.add_argument("--device", default=env("DEVICE", "auto"), help="[DEVICE] auto, cpu or cuda")
     e.add_argument("--labels", default=env("LABELS", "balanced"), choices=LABELS,
                    help="[LABELS] sample.labels: balanced (i mod 1000) or random (upstream LlamaGen's draws)")
+    e.add_argument("--bootstrap", type=int, default=env("BOOTSTRAP", "100"),
+                   help="[BOOTSTRAP] resamples for the row's bootstrap std and 95%% interval (evaluator --bootstrap)")
     e.add_argument("--wandb", action="store_true", default=env_flag("WANDB"), help="[WANDB=1] log to W&B")
     e.add_argument("--delete-samples", action="store_true", default=env_flag("DELETE_SAMPLES"),
                    help="[DELETE_SAMPLES=1] delete the PNGs and npz once the row is written (saves ~10 GB/run)")
@@ -131,6 +133,8 @@ def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
     if args.num_samples < 4:
         p.error(f"--num-samples/NUM_SAMPLES must be >= 4 (the evaluator's k=3 precision/recall "
                 f"needs 4 images), got {args.num_samples}")
+    if args.bootstrap < 10:
+        p.error(f"--bootstrap/BOOTSTRAP must be >= 10 resamples, got {args.bootstrap}")
     if args.nproc < 1 or (args.batch is not None and int(args.batch) < 1):
         p.error("--nproc/NPROC and --batch/BATCH must be positive whole numbers")
     return args
@@ -148,7 +152,7 @@ def effective_guidance(config, args: argparse.Namespace) -> dict:
     gen = config.model.generator
     out = {k: gen.get(k, v) for k, v in GUIDANCE_DEFAULTS.items()}
     for key in out:
-        if getattr(args, key) is not None:
+        if getattr(args, key, None) is not None:
             out[key] = getattr(args, key)
     return {k: (float(v) if isinstance(GUIDANCE_DEFAULTS[k], float) else v) for k, v in out.items()}
 
@@ -337,16 +341,17 @@ def sample(args, config_file: Path, ckpts: dict, guidance: dict, batch: int, out
     return {**meta, "reused": False}
 
 
-def eval_cache_path(out: Path, ref: Path, inception: Optional[Path], evaluator: str) -> Path:
+def eval_cache_path(out: Path, ref: Path, inception: Optional[Path], evaluator: str, bootstrap: int) -> Path:
     """Where the evaluation of out.npz against this reference and Inception network is kept."""
-    key = hashlib.sha256(f"{ref}|{ref.stat().st_size}|{inception}|{evaluator}".encode()).hexdigest()
+    key = f"{ref}|{ref.stat().st_size}|{inception}|{evaluator}|bootstrap{bootstrap}"
+    key = hashlib.sha256(key.encode()).hexdigest()
     return Path(f"{out}.eval-{key[:10]}.json")
 
 
 def evaluate(args, npz: Path, ref: Path, inception: Optional[Path], cache: Path, child_env: dict) -> dict:
     """Run the evaluator; its json (metrics + settings) plus timing is kept in `cache`."""
     out_json = cache.with_name(f".{cache.name}.evaluator.{os.getpid()}.json")
-    cmd = [sys.executable, args.evaluator, ref, npz, "--json", out_json]
+    cmd = [sys.executable, args.evaluator, ref, npz, "--json", out_json, "--bootstrap", args.bootstrap]
     if inception is not None:
         cmd += ["--inception-weights", inception]
     if args.device != "auto":
@@ -383,6 +388,7 @@ def make_row(args, run: str, guidance: dict, batch: int, config_file: Path, ckpt
         "guidance": guidance, "seed": args.seed, "num_samples": args.num_samples, "labels": args.labels,
         "per_proc_batch_size": batch, "nproc": args.nproc,
         "metrics": {m: float(ev[m]) for m in METRICS},
+        "bootstrap": ev.get("bootstrap"),  # per metric {value, std, ci_low, ci_high}
         "git_commit": git_commit(),
         "evaluator": {"script": os.path.relpath(args.evaluator, REPO),
                       "code_sha256": files_sha256(evaluator_files),
@@ -456,7 +462,7 @@ def main(argv: Optional[list] = None) -> int:
 
     out = args.results / "samples" / run
     npz, sampling_meta = Path(f"{out}.npz"), Path(f"{out}.sampling.json")
-    cache = eval_cache_path(out, ref, inception, args.evaluator)
+    cache = eval_cache_path(out, ref, inception, args.evaluator, args.bootstrap)
     if cache.is_file() and sampling_meta.is_file():  # another table already evaluated this setting
         print(f"reusing the samples and evaluation of {run} ({cache})", flush=True)
         sampling = {**json.loads(sampling_meta.read_text()), "reused": True}

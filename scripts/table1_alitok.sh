@@ -18,4 +18,4 @@ else
   setting $table $model CFG --softcfg-strength 0
   setting $table $model SoftCFG --softcfg-strength 1 --step-norm true
 fi
-collect $table
+collect $table CFG  # the CFG baseline of every paired delta

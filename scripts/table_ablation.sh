@@ -23,4 +23,4 @@ setting $t $m "SoftCFG tuned, K only" "${tuned[@]}" "${soft[@]}" --softcfg-targe
 setting $t $m "SoftCFG tuned, K and V" "${tuned[@]}" "${soft[@]}" --softcfg-target kv
 setting $t $m "SoftCFG tuned, confidence=max" "${tuned[@]}" "${soft[@]}" --softcfg-confidence max
 setting $t $m "SoftCFG tuned, align=token" "${tuned[@]}" "${soft[@]}" --softcfg-align token
-collect $t
+collect $t CFG  # the CFG baseline (tuned CFG schedule) of every paired delta

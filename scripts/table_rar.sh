@@ -16,4 +16,4 @@ if [[ "$size" == l ]]; then
 else
   setting $table $model SoftCFG --softcfg-strength 1 --step-norm true
 fi
-collect $table
+collect $table CFG  # the CFG baseline of every paired delta

@@ -148,9 +148,18 @@ def test_quick_demo_writes_every_output(quick_run):
     names = [s["setting"] for s in result["settings"]]
     assert names == ["none", "cfg_g1p5", "softcfg_sn_g1p5", "softcfg_nosn_g1p5",
                      "cfg_g5", "softcfg_sn_g5", "softcfg_nosn_g5"]
+    bands = set()
     for name in names:
         grid = Image.open(out / f"grid_{name}.png")
-        assert grid.size == (4 * (run.CELL + run.GAP) + run.GAP, 10 * (run.CELL + run.GAP) + run.GAP)
+        assert grid.size == (4 * (run.CELL + run.GAP) + run.GAP,
+                             run.CAPTION_H + 10 * (run.CELL + run.GAP) + run.GAP)
+        band = np.asarray(grid)[:run.CAPTION_H]
+        assert (band < 128).sum() > 50  # the caption is drawn in the image, dark on white
+        bands.add(band.tobytes())
+    assert len(bands) == len(names)  # every setting has its own caption
+    assert Image.open(out / "grid_softcfg_sn_g5.png").text["Title"] == \
+        "SoftCFG (step norm) - scale=5 k=1 alpha=1 seed=0"
+    assert Image.open(out / "grid_cfg_g1p5.png").text["Title"] == "CFG - scale=1.5 k=1 seed=0"
     for name in ("comparison.png", "guidance_sweep.png"):
         assert Image.open(out / name).size[0] > 200
     saved = json.loads((out / "results.json").read_text())
@@ -159,6 +168,40 @@ def test_quick_demo_writes_every_output(quick_run):
         assert 0 <= row["accuracy"] <= 1 and 0 <= row["precision"] <= 1 and 0 <= row["recall"] <= 1
         assert row["frechet"] >= 0 and row["diversity"] > 0
     assert saved["table"].count("\n") == 2 + 7  # header, rule, real row + 7 settings
+
+
+def test_quick_demo_frechet_intervals(quick_run):
+    _, result = quick_run
+    rows = {r["setting"]: r for r in result["settings"]}
+    assert all(r["frechet_std"] > 0 for r in rows.values()) and result["real_train_split"]["frechet_std"] > 0
+    for scale in ("g1p5", "g5"):
+        cfg = rows[f"cfg_{scale}"]
+        assert "frechet_vs_cfg" not in cfg
+        for soft in (rows[f"softcfg_sn_{scale}"], rows[f"softcfg_nosn_{scale}"]):
+            d = soft["frechet_vs_cfg"]
+            assert d["delta"] == pytest.approx(soft["frechet"] - cfg["frechet"], abs=1e-9)
+            assert d["ci_low"] < d["delta"] < d["ci_high"] and 0 <= d["p_value"] <= 1
+            # same labels and seed: the paired interval is narrower than the two stds combined
+            assert d["std"] < np.hypot(soft["frechet_std"], cfg["frechet_std"])
+    line = next(line for line in result["table"].splitlines() if line.startswith("| SoftCFG (step norm) | 5 "))
+    d = rows["softcfg_sn_g5"]["frechet_vs_cfg"]
+    assert f"| {d['delta']:+.2f} ({d['ci_low']:+.2f} to {d['ci_high']:+.2f}) |" in line
+
+
+def test_bad_options_exit_2_in_one_line(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    for args, message in ((["--scales", "-1"], "--scales must be positive guidance scales, got -1"),
+                          (["--scales", "2", "nan"], "--scales must be positive"),
+                          (["--scale-pow", "-1"], "--scale-pow must be >= 0"),
+                          (["--out", str(tmp_path / "file")], "is a file; give a folder"),
+                          (["--out", str(tmp_path / "file" / "sub")], "cannot create the output folder"),
+                          (["--samples-per-class", "1"], "at least 2")):
+        with pytest.raises(SystemExit) as err:
+            run.main(args)
+        stderr = capsys.readouterr().err
+        assert err.value.code == 2 and stderr.startswith("error: ") and stderr.count("\n") == 1, stderr
+        assert message in stderr, (message, stderr)
+    assert (tmp_path / "file").read_text() == "x"
 
 
 def test_quick_demo_is_deterministic(quick_run, tmp_path):

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -131,13 +133,72 @@ def test_reference_activations_come_from_the_cache(script_run, weights, batches,
     _, first = script_run
     out = tmp_path / "again.json"
     rc, stdout, stderr = _main(capsys, *batches, "--inception-weights", weights, "--json", out)
-    assert rc == 0 and "using cached reference activations" in stderr
+    assert rc == 0 and "using cached reference activations" in stderr and "using cached sample activations" in stderr
     fake = [1.5, 2.5, 3.5, 0.75, 0.25]
     assert stdout.strip().splitlines()[-5:] == [f"{label}: {v}" for label, v in zip(LABELS, fake)]
-    assert recorder.activation_calls == [("sample.npz", ("pool", "spatial", "logits"))]  # no reference forward
+    assert recorder.activation_calls == []  # neither the reference nor the samples went through the network
     with np.load(first["settings"]["activation_cache"]) as cache:
         assert np.array_equal(recorder.compute_all_args[0]["pool"], cache["pool"])
-    assert json.loads(out.read_text())["settings"]["cache_hit"] is True
+    with np.load(first["settings"]["sample_activation_cache"]) as cache:
+        assert np.array_equal(recorder.compute_all_args[1]["logits"], cache["logits"])
+    settings = json.loads(out.read_text())["settings"]
+    assert settings["cache_hit"] is True and settings["sample_cache_hit"] is True
+    assert settings["sample_sha256"] == E.file_sha256(batches[1])
+
+
+@pytest.fixture(scope="module")
+def network(weights) -> FIDInception:
+    return FIDInception(weights)
+
+
+@pytest.fixture()
+def loaded_once(network, weights, monkeypatch):
+    """The network built once per module instead of once per in-process run."""
+    monkeypatch.setattr(E, "load_network", lambda args, device: (network, weights, "0" * 64))
+
+
+def test_sample_cache_is_keyed_by_the_file_bytes(script_run, weights, batches, recorder, capsys, tmp_path,
+                                                 loaded_once):
+    sample = tmp_path / "sample.npz"
+    np.savez(sample, _images(5, seed=9))
+    rc, _, _ = _main(capsys, batches[0], sample, "--inception-weights", weights, "--num-samples", "4")
+    assert rc == 0 and recorder.activation_calls == [("sample.npz", ("pool", "spatial", "logits"))]
+    rc, _, stderr = _main(capsys, batches[0], sample, "--inception-weights", weights, "--num-samples", "4")
+    assert rc == 0 and len(recorder.activation_calls) == 1 and "using cached sample activations" in stderr
+    np.savez(sample, _images(5, seed=10))  # same name, other images: the old cache must not be used
+    rc, _, _ = _main(capsys, batches[0], sample, "--inception-weights", weights, "--num-samples", "5")
+    assert rc == 0 and len(recorder.activation_calls) == 2 and recorder.compute_all_args[1]["pool"].shape[0] == 5
+    assert len(list(tmp_path.glob("sample.fid-inception-*.npz"))) == 2
+
+
+def test_bootstrap_lines_and_json(script_run, weights, batches, recorder, capsys, tmp_path, loaded_once):
+    out = tmp_path / "boot.json"
+    rc, stdout, _ = _main(capsys, *batches, "--inception-weights", weights, "--json", out, "--bootstrap", "20")
+    assert rc == 0
+    lines = stdout.strip().splitlines()
+    assert lines[-9:-4] == [f"{label}: {v}" for label, v in zip(LABELS, [1.5, 2.5, 3.5, 0.75, 0.25])]
+    assert lines[-4] == "bootstrap over 20 resamples (seed 0):"
+    boot = json.loads(out.read_text())["bootstrap"]
+    assert boot["num_resamples"] == 20 and "1.96" in boot["interval"]
+    for line, (label, key) in zip(lines[-3:], [("Inception Score", "inception_score"), ("FID", "fid"),
+                                                ("sFID", "sfid")]):
+        d = boot[key]
+        m = re.fullmatch(rf"{label}: ([\d.]+) ± ([\d.]+) \(95% CI ([\d.-]+)-([\d.]+)\)", line)
+        assert m, line
+        assert d["value"] == dict(zip(KEYS, [1.5, 2.5, 3.5]))[key]  # centred on the ADM number printed above
+        assert d["ci_high"] - d["value"] == pytest.approx(1.959964 * d["std"]) and d["std"] > 0
+        assert float(m.group(2)) == pytest.approx(d["std"], abs=1e-2)
+    # the std is the metrics module's, on the cached activations
+    with np.load(json.loads(out.read_text())["settings"]["sample_activation_cache"]) as cache:
+        sample = {k: cache[k] for k in ("pool", "spatial", "logits")}
+    expected = M.bootstrap(recorder.compute_all_args[0], sample, 20, 0, device="cpu")
+    assert boot["fid"]["std"] == pytest.approx(expected["fid"]["std"], rel=1e-9)
+
+
+def test_warnings_for_small_n_and_unpublished_weights(script_run):
+    proc, _ = script_run
+    assert "warning: scoring 4 samples: FID is biased at this N; ADM reports use 50,000" in proc.stderr
+    assert "is not the published FID Inception file" in proc.stderr and "not comparable" in proc.stderr
 
 
 def test_cache_key_names_file_and_network(weights, batches):
@@ -149,17 +210,49 @@ def test_cache_key_names_file_and_network(weights, batches):
     assert E.cache_path(batches[0], key).name == f"ref.fid-inception-{key[:16]}.npz"
 
 
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def _leftover(path: Path, pid: int, age_s: float = 3600) -> Path:
+    """A write-then-rename temporary of `pid`, last written `age_s` seconds ago."""
+    tmp = path.with_name(f".{path.name}.{pid}.tmp")
+    tmp.write_bytes(b"half a file")
+    os.utime(tmp, (time.time() - age_s, time.time() - age_s))
+    return tmp
+
+
 def test_damaged_cache_is_recomputed_and_rewritten(weights, batches, recorder, capsys, tmp_path):
     ref = tmp_path / "ref.npz"
     ref.write_bytes(batches[0].read_bytes())
     key = E._cache_key(E.file_sha256(ref), FIDInception(weights))
     E.cache_path(ref, key).write_bytes(b"not an npz")
+    stale = _leftover(E.cache_path(ref, key), _dead_pid())  # a run killed while writing
+    running = _leftover(E.cache_path(ref, key), os.getppid())  # a live process's: kept
+    fresh = _leftover(E.cache_path(ref, key), _dead_pid(), age_s=1)  # maybe another host's writer: kept
     rc, _, stderr = _main(capsys, ref, batches[1], "--inception-weights", weights)
     assert rc == 0 and "ignoring unreadable cache" in stderr
     assert recorder.activation_calls[0] == ("ref.npz", ("pool", "spatial"))
     with np.load(E.cache_path(ref, key)) as cache:  # rewritten whole (atomic rename)
         assert str(cache["key"]) == key and cache["pool"].shape == (4, 2048)
+    assert not stale.exists() and running.exists() and fresh.exists()
+    running.unlink()
+    fresh.unlink()
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_sampler_npz_write_removes_a_killed_runs_temporary(tmp_path):
+    from softcfg_patch.imagenet import atomic_write
+    npz = tmp_path / "run.npz"
+    stale = _leftover(npz, _dead_pid())  # what kill -9 during the npz write leaves
+    png = tmp_path / "000001.png"
+    stale_png = _leftover(png, _dead_pid())
+    atomic_write(png, lambda tmp: tmp.write_bytes(b"png"))
+    assert stale.exists() and stale_png.exists()  # PNG writes do not scan the folder (50k of them)
+    atomic_write(npz, lambda tmp: np.savez(open(tmp, "wb"), np.zeros(3)))
+    assert not stale.exists() and npz.is_file()
 
 
 def test_precomputed_reference_statistics_are_used_unless_recompute(weights, batches, recorder, capsys, tmp_path):
@@ -184,6 +277,19 @@ def _bad_input_cases(tmp: Path, sample: Path) -> list[tuple[list, str]]:
         np.savez(tmp / name, *arrays, **named)
         return tmp / name
 
+    def compressed(name, images):
+        np.savez_compressed(tmp / name, images)
+        return tmp / name
+
+    def corrupt(path, offset):  # offset from the start (>= 0) or the end of arr_0's data (< 0)
+        data = bytearray(path.read_bytes())
+        with zipfile.ZipFile(path) as zf:
+            info = zf.getinfo("arr_0.npy")
+        start = info.header_offset + 30 + len(info.filename) + len(info.extra)
+        data[start + offset if offset >= 0 else start + info.compress_size + offset] ^= 0xFF
+        path.write_bytes(bytes(data))
+        return path
+
     (tmp / "text.npz").write_text("hello")
     return [
         ([save("no_arr0.npz", images=_images(4)), sample], r"no 'arr_0' array \(found keys: \['images'\]\)"),
@@ -201,6 +307,12 @@ def _bad_input_cases(tmp: Path, sample: Path) -> list[tuple[list, str]]:
          "nope.pth.*pt_inception-2015-12-05-6726825d.pth.*github.com/mseitzer/pytorch-fid/releases"),
         ([tmp / "ok.npz", sample, "--json", tmp / "no_dir" / "out.json"], "no_dir does not exist"),
         ([tmp / "ok.npz", sample, "--device", "tpu9"], "--device"),
+        # a flipped byte in a row that --num-samples does not even read: the whole member's CRC is checked
+        ([tmp / "ok.npz", corrupt(save("stored.npz", _images(6), labels=np.arange(6)), -4000), "--num-samples", "4"],
+         r"sample file .*stored.npz' is corrupt: member arr_0.npy fails its CRC-32 check"),
+        ([corrupt(save("ref_bad.npz", _images(5)), -10), sample], r"reference file .*ref_bad.npz' is corrupt"),
+        ([tmp / "ok.npz", corrupt(compressed("deflated.npz", _images(6)), 3000), "--num-samples", "4"],
+         r"deflated.npz' is corrupt"),
     ]
 
 
@@ -209,6 +321,7 @@ def test_bad_inputs_exit_2_with_a_reason_and_no_result(tmp_path, batches, capsys
         rc, stdout, stderr = _main(capsys, *args)
         assert rc == 2, (args, stderr)
         assert stderr.startswith("error: ") and re.search(message, stderr), (message, stderr)
+        assert stderr.count("\n") == 1, stderr  # one line
         assert not any(stdout.startswith(label) or f"\n{label}:" in stdout for label in LABELS), stdout
 
 
@@ -243,6 +356,9 @@ def test_bad_option_values_are_rejected(capsys):
     with pytest.raises(SystemExit) as err:
         E.main(["a.npz", "b.npz", "--batch-size", "0"])
     assert err.value.code == 2 and "--batch-size must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as err:
+        E.main(["a.npz", "b.npz", "--bootstrap", "5"])
+    assert err.value.code == 2 and "--bootstrap must be 0 (off) or >= 10 resamples, got 5" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- npz streaming

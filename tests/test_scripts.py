@@ -11,6 +11,7 @@ import csv
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -98,7 +99,7 @@ def test_collect_results_mean_std_markdown_and_csv(tmp_path):
     lines = [line for line in md.splitlines() if line.startswith("| alitok")]
     assert [line.split(" | ")[:2] for line in lines] == [
         ["| alitok_b", "CFG"], ["| alitok_xl", "CFG"], ["| alitok_xl", "SoftCFG"]]  # size, then order
-    assert "| 1.273 ± 0.025 | 302.0 ± 2.0 | 7.000 ± 1.000 | 0.800 ± 0.000 | 0.600 ± 0.000 | 3 |" in lines[2]
+    assert "| 1.273 ± 0.025 | 302.0 ± 2.0 | 7.000 ± 1.000 | 0.800 ± 0.000 | 0.600 ± 0.000 | - | 3 |" in lines[2]
     assert "| 1.350 | 290.0 |" in lines[1] and "±" not in lines[1]  # one seed: no spread
     assert "γ=9 k=1.5 α=1 StepNorm v/sampled/source" in lines[2] and "SMOKE" not in md
 
@@ -125,6 +126,61 @@ def test_collect_results_labels_smoke_and_rejects_broken_rows(tmp_path):
         collect_results.load_rows([folder])
     with pytest.raises(SystemExit, match="not a folder"):
         collect_results.load_rows([tmp_path / "missing"])
+
+
+def paired_rows(folder: Path) -> list:
+    """CFG and SoftCFG rows for seeds 0 and 1, with bootstrap stds and cached paired comparisons."""
+    rows = []
+    for seed, (cfg_fid, soft_fid, std_a, std_b, delta_std) in enumerate(((1.35, 1.30, 0.02, 0.03, 0.01),
+                                                                         (1.37, 1.28, 0.04, 0.02, 0.02))):
+        cfg = synthetic_row("alitok_xl", "CFG", seed, cfg_fid, 290.0, guidance_scale=13.0)
+        soft = synthetic_row("alitok_xl", "SoftCFG", seed, soft_fid, 300.0, order=2, guidance_scale=9.0,
+                             softcfg_strength=1.0)
+        for row, std in ((cfg, std_a), (soft, std_b)):
+            row.update(run=f"{row['method']}{seed}", samples=f"/nonexistent/{row['method']}{seed}.npz",
+                       per_proc_batch_size=125, bootstrap={"fid": {"std": std}})
+        (folder / "pairs").mkdir(parents=True, exist_ok=True)
+        (folder / "pairs" / f"CFG{seed}__SoftCFG{seed}.b200.json").write_text(json.dumps({"metrics": {"fid": {
+            "a": cfg_fid, "b": soft_fid, "delta": soft_fid - cfg_fid, "std": delta_std}}}))
+        rows += [cfg, soft]
+    return rows
+
+
+def test_collect_results_paired_deltas_and_noise_floor(tmp_path):
+    folder = tmp_path / "t"
+    rows = paired_rows(folder)
+    rows.append(synthetic_row("alitok_xl", "SoftCFG", 2, 1.2, 300.0, order=2, guidance_scale=9.0,
+                              softcfg_strength=1.0))  # seed 2 has no CFG row: listed as not paired
+    rows[-1].update(run="SoftCFG2", samples="/nonexistent/x.npz", per_proc_batch_size=125)
+    write_rows(folder, rows)
+    assert collect_results.main([str(folder), "--baseline", "CFG"]) == 0
+    md = (folder / "results.md").read_text()
+    soft = next(line for line in md.splitlines() if "| SoftCFG |" in line)
+    # by hand: deltas -0.05 and -0.09, mean -0.07; std sqrt(0.01^2 + 0.02^2) / 2 = 0.0111803;
+    # 95% CI -0.07 -+ 1.959964 * 0.0111803 = -0.0919 .. -0.0481; p = erfc(0.07 / 0.0111803 / sqrt 2) = 3.8e-10
+    assert "| -0.070 (-0.092 to -0.048), p = 3.8e-10 |" in soft
+    assert "| ± 0.025 |" in soft  # mean bootstrap std of the two seeds that carry one (0.03, 0.02)
+    assert "not paired: SoftCFG seed 2: no CFG row with that seed" in md
+    assert "noise floor at that N: median ± 0.028 at 50000 samples" in md  # median of 0.03 (CFG), 0.025
+    table = {r["method"]: r for r in csv.DictReader(open(folder / "results.csv"))}
+    assert math.isclose(float(table["SoftCFG"]["delta_fid_std"]), math.sqrt(0.01 ** 2 + 0.02 ** 2) / 2)
+    assert table["CFG"]["delta_fid_mean"] == "" and math.isclose(float(table["CFG"]["fid_boot_std"]), 0.03)
+    # the pair cache was used: the samples do not exist, so computing a comparison would have failed
+    with pytest.raises(SystemExit, match="no rows with method 'DDPM'"):
+        collect_results.main([str(folder), "--baseline", "DDPM"])
+
+
+def test_best_setting_and_search_summary(tmp_path, capsys):
+    folder = tmp_path / "grid"
+    write_rows(folder, paired_rows(tmp_path / "unused"))
+    assert collect_results.main([str(folder), "--best", "SoftCFG"]) == 0
+    assert capsys.readouterr().out.strip() == ("--guidance-scale 9.0 --guidance-scale-pow 1.0 "
+                                               "--softcfg-strength 1.0 --step-norm true")
+    assert collect_results.main([str(folder), "--search-summary"]) == 0
+    out = capsys.readouterr().out
+    # means over the two seeds: CFG (1.35 + 1.37) / 2, SoftCFG (1.30 + 1.28) / 2
+    assert "best CFG on the proxy grid: FID 1.360" in out and "best SoftCFG on the proxy grid: FID 1.290" in out
+    assert "difference SoftCFG - CFG: -0.070" in out and "bootstrap std of FID is ± 0.028" in out
 
 
 def test_plot_sweep_draws_both_methods(tmp_path):
@@ -214,7 +270,11 @@ def check_row(row: dict) -> None:
     assert row["inception_weights"]["sha256"] == RECIPE_SHA  # the seeded random recipe, labelled as such
     assert "NOT the FID Inception" in row["inception_weights"]["kind"]
     assert len(row["git_commit"]) >= 40 or row["git_commit"].startswith("unknown")
-    assert len(row["evaluator"]["code_sha256"]) == 64 and row["evaluator"]["settings"]["num_samples"] == 4
+    assert len(row["evaluator"]["code_sha256"]) == 64
+    assert row["evaluator"]["settings"]["num_samples"] == row["num_samples"]
+    boot = row["bootstrap"]  # the evaluator's --bootstrap, centred on the row's metric
+    assert boot["num_resamples"] == 100 and boot["fid"]["value"] == row["metrics"]["fid"] and boot["fid"]["std"] > 0
+    assert boot["fid"]["ci_low"] < row["metrics"]["fid"] < boot["fid"]["ci_high"]
     assert row["wall_time_s"]["sampling"] > 0 and row["wall_time_s"]["evaluation"] > 0
 
 
@@ -239,6 +299,16 @@ def test_table1_smoke_with_two_seeds(smoke_results):
     cfg = [r for r in table if r["method"] == "CFG"][0]
     assert math.isclose(float(cfg["fid_mean"]), sum(fids) / 2, rel_tol=1e-12)
     assert math.isclose(float(cfg["fid_std"]), abs(fids[0] - fids[1]) / math.sqrt(2), rel_tol=1e-9)
+    # SoftCFG paired with the CFG run of the same seed, one comparison per seed, cached
+    pairs = sorted((folder / "pairs").glob("*.json"))
+    assert len(pairs) == 2 and all(p.name.startswith("smoke_alitok_xl_cfg_seed") for p in pairs)
+    deltas = [json.loads(p.read_text())["metrics"]["fid"] for p in pairs]
+    fid = {(r["method"], r["seed"]): r["metrics"]["fid"] for r in rows}
+    assert sorted(d["delta"] for d in deltas) == pytest.approx(
+        sorted(fid[("SoftCFG", s)] - fid[("CFG", s)] for s in (0, 1)), rel=1e-6)
+    soft = [r for r in table if r["method"] == "SoftCFG"][0]
+    assert math.isclose(float(soft["delta_fid_mean"]), sum(d["delta"] for d in deltas) / 2, rel_tol=1e-9)
+    assert "ΔFID vs CFG" in md and "Paired settings: 1" in md
 
 
 def test_rerun_skips_finished_work(smoke_results):
@@ -311,3 +381,26 @@ def test_sweep_smoke_grid_table_and_plot(smoke_results):
     image = Image.open(smoke_results / "sweep_alitok_xl" / "sweep.png")
     assert "SMOKE" in image.text["Title"] and image.size[0] > 600
     assert "NOT real FID" in (smoke_results / "sweep_alitok_xl" / "results.md").read_text()
+
+
+def test_search_guidance_smoke_grid_confirmation_and_noise_floor(smoke_results):
+    # Run after the sweep: its four (scale, strength) points at k = 1.4 are this grid, reused.
+    before = evaluated_runs(smoke_results)
+    res = smoke("search_guidance.sh", smoke_results, "alitok_xl", POW="1.4")
+    grid = rows_of(smoke_results / "search_alitok_xl")
+    assert sorted((r["method"], r["guidance"]["guidance_scale"], r["guidance"]["softcfg_strength"]) for r in grid) \
+        == [("CFG", 9.0, 0.0), ("CFG", 13.0, 0.0), ("SoftCFG", 9.0, 1.0), ("SoftCFG", 13.0, 1.0)]
+    if (smoke_results / "sweep_alitok_xl").is_dir():
+        assert all(r["run"] in before for r in grid)
+    confirm = {r["method"]: r for r in rows_of(smoke_results / "search_alitok_xl_confirm")}
+    for row in [*grid, *confirm.values()]:
+        check_row(row)
+    best = {m: min((r for r in grid if r["method"] == m), key=lambda r: r["metrics"]["fid"]) for m in confirm}
+    for method, row in confirm.items():  # the proxy's best point (SMOKE: same N and seed, so the same run)
+        assert row["guidance"] == best[method]["guidance"] and row["run"] == best[method]["run"]
+        assert row["reused"]["sampling"] and res.stdout.count("reusing the samples and evaluation") >= 2
+    summary = (smoke_results / "search_alitok_xl" / "summary.md").read_text()
+    assert "NOT real FID" in summary and "noise floor: one proxy run's bootstrap std of FID is ±" in summary
+    soft_line = next(line for line in summary.splitlines() if line.startswith("| alitok_xl (SMOKE) | SoftCFG"))
+    assert re.search(r"\| [+-][\d.]+ \([+-][\d.]+ to [+-][\d.]+\), p = ", soft_line)
+    assert (smoke_results / "search_alitok_xl" / "sweep.png").is_file() and "best on the proxy grid" in res.stdout

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import difflib
 import re
-from dataclasses import MISSING as NO_DEFAULT
 from dataclasses import dataclass, field, fields, is_dataclass, make_dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
