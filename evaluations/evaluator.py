@@ -39,9 +39,9 @@ import torch
 from tqdm import tqdm
 
 from evaluations import metrics
-from evaluations.inception import (NORMALIZE_MODES, RESIZE_MODES, WEIGHTS_ENV, FIDInception,
-                                   InceptionWeightsError, find_weights)
+from evaluations.inception import NORMALIZE_MODES, RESIZE_MODES, WEIGHTS_ENV, FIDInception, find_weights
 from evaluations.npz import BatchFileError, NpzImages, file_sha256, verified_sha256
+from softcfg_patch.errors import SoftCFGError
 from softcfg_patch.run.output import atomic_write, save_npz
 
 CACHE_VERSION = 1
@@ -379,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         results, settings = evaluate(args)
-    except (BatchFileError, InceptionWeightsError, ValueError, OSError, zipfile.BadZipFile) as err:
+    except (SoftCFGError, ValueError, OSError, zipfile.BadZipFile) as err:  # bad input: exit 2
         print(f"error: {err}", file=sys.stderr)
         return 2
     for label, key in RESULT_LINES:  # only now: never a partial result

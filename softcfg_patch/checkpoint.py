@@ -27,11 +27,13 @@ _PREFIXES = ("module.", "_orig_mod.")
 _SAFE_CONTAINERS = [argparse.Namespace]
 
 
-def read_state_dict(path: str | Path, *, what: str, source: str) -> dict[str, torch.Tensor]:
+def read_state_dict(path: str | Path, *, what: str, source: str,
+                    error: type[CheckpointError] = CheckpointError) -> dict[str, torch.Tensor]:
     """Read a checkpoint file into a flat {name: tensor} dict (CPU, memory-mapped where possible).
 
     what:   a human name of the model, e.g. "AliTok-XL generator".
     source: where the official file is published, quoted in every error.
+    error:  the CheckpointError subclass to raise (e.g. the evaluator's InceptionWeightsError).
     Every error is one line: what was wrong, and where to get a good file.
     """
     path = Path(path)
@@ -40,16 +42,16 @@ def read_state_dict(path: str | Path, *, what: str, source: str) -> dict[str, to
             f"{what} checkpoint not found: '{path}'. Download the official file from {source} "
             f"and pass its path (nothing is downloaded automatically).")
     if looks_like_html(path):
-        raise CheckpointError(html_message(path, what, source))
+        raise error(html_message(path, what, source))
     try:
         state = _load_file(path)
     except Exception as err:  # corrupt, truncated, pickled objects, or not a checkpoint at all
         reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
-        raise CheckpointError(
+        raise error(
             f"could not read {what} checkpoint '{path}' ({type(err).__name__}{': ' + reason if reason else ''}; "
             f"only tensors are loaded, with weights_only=True): the file is truncated, corrupt, not a "
             f"PyTorch/safetensors checkpoint, or holds pickled objects; download it again from {source}") from err
-    return _unwrap(state, path, what, source)
+    return _unwrap(state, path, what, source, error)
 
 
 def _load_file(path: Path):
@@ -83,14 +85,14 @@ def html_message(path: str | Path, what: str, source: str) -> str:
             f"link (from {source}) and save the file itself")
 
 
-def _unwrap(state, path: Path, what: str, source: str) -> dict[str, torch.Tensor]:
+def _unwrap(state, path: Path, what: str, source: str, error: type[CheckpointError]) -> dict[str, torch.Tensor]:
     while isinstance(state, dict) and not any(torch.is_tensor(v) for v in state.values()):
         inner = next((state[k] for k in _WRAPPER_KEYS if isinstance(state.get(k), dict)), None)
         if inner is None:
             break
         state = inner
     if not isinstance(state, dict) or not state or not all(torch.is_tensor(v) for v in state.values()):
-        raise CheckpointError(f"'{path}' does not hold a {what} state dict (found {type(state).__name__}); "
+        raise error(f"'{path}' does not hold a {what} state dict (found {type(state).__name__}); "
                               f"expected a state dict of tensors, raw or under \"model\", \"module\" or "
                               f"\"state_dict\", as in the files from {source}")
     for prefix in _PREFIXES:
@@ -100,7 +102,7 @@ def _unwrap(state, path: Path, what: str, source: str) -> dict[str, torch.Tensor
 
 
 def check_state_dict(module: torch.nn.Module, state: dict, *, path, what: str, source: str,
-                     architecture: str = "") -> None:
+                     architecture: str = "", error: type[CheckpointError] = CheckpointError) -> None:
     """CheckpointError listing missing, unexpected and mis-shaped keys (first five of each)."""
     expected = module.state_dict()
     missing = sorted(set(expected) - set(state))
@@ -117,7 +119,7 @@ def check_state_dict(module: torch.nn.Module, state: dict, *, path, what: str, s
             lines.append(f"  {title}: {shown}")
     lines.append(f"Check that the config matches the checkpoint (model size), or get the official "
                  f"file from {source}.")
-    raise CheckpointError("\n".join(lines))
+    raise error("\n".join(lines))
 
 
 def load_model(build: Callable[[], torch.nn.Module], path: str | Path, *, what: str, source: str,

@@ -37,6 +37,7 @@ from tqdm import tqdm
 from ..checkpoint import html_message, looks_like_html
 from ..errors import ConfigError, SoftCFGError, exit_on_error
 from ..guidance import Guidance
+from ..precision import tf32
 from ..sampler import generate
 from . import manifest as mf
 from . import output as io
@@ -119,13 +120,10 @@ def runtime(config: DictConfig) -> Iterator[tuple[int, int, torch.device]]:
     started = world > 1 and not dist.is_initialized()
     if started:
         dist.init_process_group("nccl" if use_cuda else "gloo")
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    tf32 = config.sample.precision in ("tf32", "bf16")
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
     try:
-        yield rank, world, device
+        with tf32(config.sample.precision in ("tf32", "bf16")):
+            yield rank, world, device
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
         if started and dist.is_initialized():
             dist.destroy_process_group()
 
