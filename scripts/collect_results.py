@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+from softcfg_patch.errors import SoftCFGError, exit_on_error  # noqa: E402
 from softcfg_patch.run import registry  # noqa: E402
 from softcfg_patch.run.output import atomic_write  # noqa: E402
 
@@ -45,16 +46,16 @@ def load_rows(folders: Iterable) -> list:
     rows = []
     for folder in map(Path, folders):
         if not folder.is_dir():
-            raise SystemExit(f"error: {folder} is not a folder of result rows (expected e.g. results/table1_alitok)")
+            raise SoftCFGError(f"{folder} is not a folder of result rows (expected e.g. results/table1_alitok)")
         files = sorted((folder / "rows").glob("*.json")) or sorted(folder.glob("*.json"))
         for path in files:
             try:
                 row = json.loads(path.read_text())
             except (OSError, json.JSONDecodeError) as err:
-                raise SystemExit(f"error: cannot read row {path}: {err}; delete it and rerun its setting")
+                raise SoftCFGError(f"cannot read row {path}: {err}; delete it and rerun its setting")
             lacking = [k for k in REQUIRED if k not in row]
             if lacking:
-                raise SystemExit(f"error: row {path} lacks {lacking}; delete it and rerun its setting")
+                raise SoftCFGError(f"row {path} lacks {lacking}; delete it and rerun its setting")
             rows.append(row)
     return rows
 
@@ -190,7 +191,7 @@ def add_paired_deltas(groups: list, folder: Path, baseline: str, num_resamples: 
     """g["delta_fid"] (and g["paired"]: per-metric, per seed) for every non-baseline group."""
     base_rows = {pair_key(r): r for g in groups if g["method"] == baseline for r in g["rows"]}
     if not base_rows:
-        raise SystemExit(f"error: --baseline {baseline}: no rows with method '{baseline}' in {folder}")
+        raise SoftCFGError(f"--baseline {baseline}: no rows with method '{baseline}' in {folder}")
     networks: dict = {}
     for g in groups:
         if g["method"] == baseline:
@@ -246,7 +247,7 @@ def paired_result(folder: Path, base: dict, row: dict, num_resamples: int, devic
             networks[key] = evaluator.load_network(args, evaluator.resolve_device(device))
         result = compare.compare(args, networks[key])
     except (ValueError, OSError) as err:
-        raise SystemExit(f"error: pairing {base['run']} with {row['run']} failed: {err}")
+        raise SoftCFGError(f"pairing {base['run']} with {row['run']} failed: {err}")
     atomic_write(cache, lambda tmp: tmp.write_text(json.dumps(result, indent=2) + "\n"))
     return result
 
@@ -254,7 +255,7 @@ def paired_result(folder: Path, base: dict, row: dict, num_resamples: int, devic
 def best_group(groups: list, method: str) -> dict:
     candidates = [g for g in groups if g["method"] == method]
     if not candidates:
-        raise SystemExit(f"error: --best {method}: no rows with that method")
+        raise SoftCFGError(f"--best {method}: no rows with that method")
     return min(candidates, key=lambda g: g["metrics"]["fid"][0])
 
 
@@ -308,6 +309,11 @@ def _write_csv_rows(tmp: Path, groups: list, header: list, guidance_keys: list) 
 
 
 def main(argv: Optional[list] = None) -> int:
+    with exit_on_error():  # bad input: `error: ...` on stderr, exit status 2
+        return _main(argv)
+
+
+def _main(argv: Optional[list] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("folders", nargs="+", help="result folders, e.g. results/table1_alitok")
     p.add_argument("--out", help="output prefix (default: FIRST_FOLDER/results -> .md and .csv)")

@@ -23,7 +23,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from collect_results import load_rows, summarize  # noqa: E402
 
-from softcfg_patch.run.output import atomic_write  # noqa: E402 (collect_results put the repository on sys.path)
+from softcfg_patch.errors import SoftCFGError, exit_on_error  # noqa: E402 (collect_results put the repo on sys.path)
+from softcfg_patch.run.output import atomic_write  # noqa: E402
 
 PANELS = (("fid", "FID (lower is better)"), ("inception_score", "Inception Score (higher is better)"))
 
@@ -41,7 +42,7 @@ def plot(groups: list, out: Path) -> Path:
         if g["guidance"]["guidance_scale"] > 0:  # the unguided baseline has no scale axis
             lines.setdefault(line_label(g), []).append(g)
     if not lines:
-        raise SystemExit("error: no guided rows to plot (a sweep needs guidance_scale > 0)")
+        raise SoftCFGError("no guided rows to plot (a sweep needs guidance_scale > 0)")
     smoke = any(g["smoke"] for g in groups)
     title = " / ".join(sorted({g["model"] for g in groups})) + " guidance sweep"
     if smoke:
@@ -72,6 +73,11 @@ def plot(groups: list, out: Path) -> Path:
 
 
 def main(argv: Optional[list] = None) -> int:
+    with exit_on_error():  # bad input: `error: ...` on stderr, exit status 2
+        return _main(argv)
+
+
+def _main(argv: Optional[list] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("folders", nargs="+", help="sweep result folders, e.g. results/sweep_alitok_xl")
     p.add_argument("--out", help="image file (default: FIRST_FOLDER/sweep.png)")

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from softcfg_patch.errors import SoftCFGError
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "scripts"
 sys.path.insert(0, str(SCRIPTS))
@@ -122,9 +124,9 @@ def test_collect_results_labels_smoke_and_rejects_broken_rows(tmp_path):
     assert list(csv.DictReader(open(tmp_path / "out.csv")))[0]["note"] == "SMOKE - NOT a real FID"
 
     (folder / "rows" / "bad.json").write_text(json.dumps({"model": "rar_l"}))
-    with pytest.raises(SystemExit, match="bad.json lacks"):
+    with pytest.raises(SoftCFGError, match="bad.json lacks"):
         collect_results.load_rows([folder])
-    with pytest.raises(SystemExit, match="not a folder"):
+    with pytest.raises(SoftCFGError, match="not a folder"):
         collect_results.load_rows([tmp_path / "missing"])
 
 
