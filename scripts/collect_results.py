@@ -41,8 +41,9 @@ SMOKE_BANNER = ("> **SMOKE run** - tiny golden models, a random reference batch 
                 "initialised Inception network: these are **NOT real FID / IS numbers**.")
 
 
-def load_rows(folders: Iterable) -> list:
-    """Every row json under the folders; a broken row is an error naming the file."""
+def load_rows(folders: Iterable, what: str = "a table script") -> list:
+    """Every row json under the folders; a broken row, or none at all, is an error naming the files."""
+    folders = list(folders)
     rows = []
     for folder in map(Path, folders):
         if not folder.is_dir():
@@ -57,6 +58,8 @@ def load_rows(folders: Iterable) -> list:
             if lacking:
                 raise SoftCFGError(f"row {path} lacks {lacking}; delete it and rerun its setting")
             rows.append(row)
+    if not rows:
+        raise SoftCFGError(f"no result rows in {', '.join(map(str, folders))} (run {what} first)")
     return rows
 
 
@@ -308,12 +311,8 @@ def _write_csv_rows(tmp: Path, groups: list, header: list, guidance_keys: list) 
                        + [" ".join(g["git_commits"]), " ".join(g["inception"])])
 
 
+@exit_on_error()  # bad input: `error: ...` on stderr, exit status 2
 def main(argv: Optional[list] = None) -> int:
-    with exit_on_error():  # bad input: `error: ...` on stderr, exit status 2
-        return _main(argv)
-
-
-def _main(argv: Optional[list] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("folders", nargs="+", help="result folders, e.g. results/table1_alitok")
     p.add_argument("--out", help="output prefix (default: FIRST_FOLDER/results -> .md and .csv)")
@@ -327,9 +326,6 @@ def _main(argv: Optional[list] = None) -> int:
                    help="only print the best CFG and SoftCFG points, their difference and the noise floor")
     args = p.parse_args(argv)
     rows = load_rows(args.folders)
-    if not rows:
-        print(f"error: no result rows in {', '.join(args.folders)} (run a table script first)", file=sys.stderr)
-        return 2
     groups = summarize(rows)
     if args.best:
         print(best_setting(groups, args.best))

@@ -72,20 +72,13 @@ def plot(groups: list, out: Path) -> Path:
     return out
 
 
+@exit_on_error()  # bad input: `error: ...` on stderr, exit status 2
 def main(argv: Optional[list] = None) -> int:
-    with exit_on_error():  # bad input: `error: ...` on stderr, exit status 2
-        return _main(argv)
-
-
-def _main(argv: Optional[list] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("folders", nargs="+", help="sweep result folders, e.g. results/sweep_alitok_xl")
     p.add_argument("--out", help="image file (default: FIRST_FOLDER/sweep.png)")
     args = p.parse_args(argv)
-    rows = load_rows(args.folders)
-    if not rows:
-        print(f"error: no result rows in {', '.join(args.folders)} (run scripts/sweep.sh first)", file=sys.stderr)
-        return 2
+    rows = load_rows(args.folders, what="scripts/sweep.sh")
     out = plot(summarize(rows), Path(args.out) if args.out else Path(args.folders[0]) / "sweep.png")
     print(f"wrote {out}")
     return 0

@@ -292,12 +292,8 @@ def strip(images, gap: int = 8):
     return Image.fromarray(np.concatenate(parts, axis=1))
 
 
+@exit_on_error()  # bad input: `error: ...` on stderr, exit status 2
 def main(argv: list[str] | None = None) -> int:
-    with exit_on_error():  # bad input: `error: ...` on stderr, exit status 2
-        return _main(argv)
-
-
-def _main(argv: list[str] | None = None) -> int:
     run(parse_args(argv))
     return 0
 

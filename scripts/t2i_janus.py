@@ -110,12 +110,8 @@ def side_by_side(images, gap: int = 8):
     return canvas
 
 
+@exit_on_error()  # bad input: `error: ...` on stderr, exit status 2
 def main(argv: list[str] | None = None) -> int:
-    with exit_on_error():  # bad input: `error: ...` on stderr, exit status 2
-        return _main(argv)
-
-
-def _main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
 

@@ -29,7 +29,8 @@ class MissingFileError(SoftCFGError, FileNotFoundError):
 
 @contextmanager
 def exit_on_error(show=lambda: True) -> Iterator[None]:
-    """Turn a SoftCFGError into `error: ...` on stderr and exit status 2.
+    """Turn a SoftCFGError into `error: ...` on stderr and exit status 2; a `with` block or
+    a decorator (`@exit_on_error()` over a script's `main`).
 
     `show()` decides whether this process prints (rank 0 of a distributed run does).
     """

@@ -59,8 +59,12 @@ def check_inputs(config: DictConfig, inputs: Sequence[Checkpoint], want_decoder:
     for item in inputs:
         if item.decoder_only and not want_decoder:
             continue
-        raw = str(OmegaConf.select(config, item.key))
-        found, tried = resolve_input_path(raw)
+        raw = OmegaConf.select(config, item.key)
+        if raw is None or raw == "???":
+            problems.append(f"{item.what} is not set (get it from {item.source} and pass --{item.key}=PATH"
+                            + (", or sample.tokens_only=True)" if item.decoder_only else ")"))
+            continue
+        found, tried = resolve_input_path(str(raw))
         if found is None:
             problems.append(f"{item.what} '{raw}' not found (tried {', '.join(map(str, tried))}; get it from "
                             f"{item.source} and pass --{item.key}=PATH)")
