@@ -306,8 +306,6 @@ def run_sampling(config: DictConfig, build_generator: GeneratorBuilder,
     decode = build_decoder(config, device) if want_png else None
     if want_png and decode is None:
         raise ConfigError("this sampler has no image decoder: run with sample.tokens_only=True")
-    if s.compile:
-        model.decode = torch.compile(model.decode, dynamic=True)
 
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -328,7 +326,7 @@ def run_sampling(config: DictConfig, build_generator: GeneratorBuilder,
         labels = torch.from_numpy(labels_of(plan[k])).to(device)
         generator = torch.Generator(device=device).manual_seed(batch_seed(s.seed, k))
         with autocast:
-            tokens = generate(model, labels, guidance, generator=generator)
+            tokens = generate(model, labels, guidance, generator=generator, compile=s.compile)
         if want_tokens:
             save_tokens(token_path(out, k), tokens.cpu().numpy().astype(np.int32))
         if want_png:
