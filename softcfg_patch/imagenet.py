@@ -113,7 +113,7 @@ OPTION_HELP = {
     "sample.save_tokens": "also write <output_dir>_tokens.npz (tokens, labels, manifest)",
     "sample.tokens_only": "sample tokens only: no decoder, PNGs or image npz",
     "sample.precision": "fp32 | tf32 (like upstream) | bf16 autocast",
-    "sample.compile": "torch.compile the decode step (experimental)",
+    "sample.compile": "torch.compile the fixed-shape decode step once per model and batch shape (CUDA graphs on GPU)",
     "sample.device": "auto | cpu | cuda",
     "sample.overwrite": "delete the samples of another setting in output_dir instead of refusing",
     "wandb.enabled": "log progress to Weights & Biases (pip install wandb)",
@@ -724,8 +724,6 @@ def run_sampling(config: DictConfig, build_generator: GeneratorBuilder,
 
     model = build_generator(config, device).to(device).eval()
     decode = build_decoder(config, device) if want_png else None
-    if s.compile:
-        model.decode = torch.compile(model.decode, dynamic=True)
 
     if rank == 0:
         print(f"sampling {s.num_fid_samples} images into {out} on {world} process(es) ({note}); "
@@ -745,7 +743,7 @@ def run_sampling(config: DictConfig, build_generator: GeneratorBuilder,
         labels = torch.from_numpy(labels_of(plan[k])).to(device)
         generator = torch.Generator(device=device).manual_seed(batch_seed(s.seed, k))
         with autocast:
-            tokens = generate(model, labels, guidance, generator=generator)
+            tokens = generate(model, labels, guidance, generator=generator, compile=s.compile)
         if want_tokens:
             save_tokens(token_path(out, k), tokens.cpu().numpy().astype(np.int32))
         if want_png:
