@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from softcfg_patch.cache import StaticKVCache, causal_attention
 from softcfg_patch.checkpoint import load_model
 from softcfg_patch.layers import RMSNorm, apply_rotary, rotary_table
+from softcfg_patch.step import at_step
 
 
 class Attention(nn.Module):
@@ -115,7 +116,7 @@ class ARModel(nn.Module):
     def decode(self, tokens: torch.Tensor, step, cache: StaticKVCache) -> torch.Tensor:
         # x_{step-1} sits at position `step` (position 0 is the condition); `step` is an
         # int or a 0-d tensor (fixed-shape decoding), the row is the same either way.
-        return self._run(self.embeddings(tokens)[:, None], self.rope[step].unsqueeze(0), cache)[:, -1]
+        return self._run(self.embeddings(tokens)[:, None], at_step(self.rope, step), cache)[:, -1]
 
     def rng_preamble(self, num_rows: int, generator: torch.Generator | None,
                      device: torch.device) -> None:

@@ -134,8 +134,8 @@ class StaticKVCache:
     def _attend_fixed(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """One query at `position` over the whole cache; later positions are masked out."""
         index = self.position.view(1)
-        self.k[layer].index_copy_(2, index, k)
-        self.v[layer].index_copy_(2, index, v)
+        self.k[layer].index_copy_(2, index, k.to(self.k.dtype))  # cast as the sliced write does
+        self.v[layer].index_copy_(2, index, v.to(self.v.dtype))
         visible = (self.key_positions <= self.position)[None, None, None, :]
         weights = None if self.multipliers is None else self.multipliers.values[:, None, None, :]
         return self._attend_weighted(q, self.k[layer], self.v[layer], weights, visible)

@@ -10,26 +10,24 @@ from __future__ import annotations
 from typing import Iterable, Optional
 
 import torch
-from transformers import LogitsProcessorList
 
 from .guidance import Guidance
-from .hf import SoftCFGLogitsProcessor, _MultiplierTableMixin, cache_argument, make_cache
 
 __all__ = ["janus_softcfg", "janus_generate_images"]
 
 
 def janus_softcfg(model: torch.nn.Module, guidance: Guidance, batch_size: int, prompt_length: int,
                   generator: Optional[torch.Generator] = None, cache_implementation: str = "static",
-                  structural_token_ids: Iterable[int] = ()) -> tuple[_MultiplierTableMixin,
-                                                                     SoftCFGLogitsProcessor]:
+                  structural_token_ids: Iterable[int] = ()) -> tuple[hf._MultiplierTableMixin,
+                                                                     hf.SoftCFGLogitsProcessor]:
     """The (cache, logits processor) pair for Janus `generate(generation_mode="image")`.
 
     Janus builds its batch as `input_ids.repeat(2, 1)`: rows [0, B) conditional, rows
     [B, 2B) unconditional (prompt replaced by padding except BOS / BOI).
     """
     num_image_tokens = model.model.vision_model.config.num_image_tokens
-    cache = make_cache(model, guidance, cache_implementation, prompt_length + num_image_tokens)
-    processor = SoftCFGLogitsProcessor(guidance, num_image_tokens, torch.arange(batch_size),
+    cache = hf.make_cache(model, guidance, cache_implementation, prompt_length + num_image_tokens)
+    processor = hf.SoftCFGLogitsProcessor(guidance, num_image_tokens, torch.arange(batch_size),
                                        torch.arange(batch_size, 2 * batch_size), cache, generator,
                                        structural_token_ids)
     return cache, processor
@@ -45,6 +43,8 @@ def janus_generate_images(model: torch.nn.Module, input_ids: torch.Tensor, guida
     Guidance, schedule, temperature and sampling come from `guidance` and `generator`;
     Janus's own CFG processor still runs (it halves the batch) but sees identical rows.
     """
+    from transformers import LogitsProcessorList  # hf (imported below) checked the version
+
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     # Expand here: the processor must know the final number of (cond, uncond) pairs.
@@ -59,8 +59,13 @@ def janus_generate_images(model: torch.nn.Module, input_ids: torch.Tensor, guida
                             generation_mode="image", do_sample=False, guidance_scale=janus_scale,
                             num_return_sequences=1,
                             logits_processor=LogitsProcessorList([processor]),
-                            **{cache_argument(model): cache}, **generate_kwargs)
+                            **{hf.cache_argument(model): cache}, **generate_kwargs)
     if not torch.equal(tokens.to(processor.tokens.device), processor.tokens):
         raise RuntimeError("Janus did not keep the SoftCFG tokens; pass do_sample=False and no "
                            "extra logits processors that change the scores")
     return tokens
+
+
+# Imported last: softcfg_patch.hf re-exports the functions above from its own last line,
+# so either module may be imported first.
+from . import hf  # noqa: E402

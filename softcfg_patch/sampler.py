@@ -26,6 +26,7 @@ The batch is [conditional rows; unconditional rows]; the guided step itself
 """
 from __future__ import annotations
 
+import types
 import weakref
 from typing import Optional, Protocol, Union
 
@@ -109,7 +110,7 @@ def generate(model: GuidedModel, labels: torch.Tensor, guidance: Guidance,
         return decode_loop(model, labels, guidance, generator=generator)[0]
     backend = "inductor" if compile is True else str(compile)
     return decode_loop(model, labels, guidance, generator=generator, fixed_shape=True,
-                       step_fn=compiled_decode_step(backend, labels.device.type == "cuda"))[0]
+                       compile_backend=backend)[0]
 
 
 @torch.no_grad()
@@ -131,14 +132,15 @@ def decode_loop(model: GuidedModel, labels: torch.Tensor, guidance: Guidance, *,
                 generator: Optional[torch.Generator] = None,
                 forced_tokens: Optional[torch.Tensor] = None,
                 on_step: Optional[StepHook] = None, fixed_shape: bool = False,
-                step_fn=decode_step) -> tuple[torch.Tensor, torch.Tensor]:
+                compile_backend: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The decode loop behind generate() and guided_logits().
 
     Returns (tokens [B, N], confidences [B, N]); confidences are zeros unless SoftCFG
     is on. `forced_tokens` replaces sampling (teacher forcing); `on_step(step, cond,
     uncond, guided, tokens, cache)` sees every step (tests and analysis use it).
-    `fixed_shape` feeds `step_fn` a 0-d step tensor and a fixed-shape cache, reused
-    from call to call for the same model and shapes (what a compiled step needs).
+    `fixed_shape` feeds `decode_step` a 0-d step tensor and a fixed-shape cache, reused
+    from call to call for the same model and shapes, with the step compiled by
+    `compile_backend` if given (once per workspace).
     """
     labels = _check_labels(model, labels)
     B, N, P = labels.shape[0], model.num_image_tokens, model.num_prefix_positions
@@ -151,8 +153,8 @@ def decode_loop(model: GuidedModel, labels: torch.Tensor, guidance: Guidance, *,
     conditions = model.condition_ids(labels)
     if cfg:
         conditions = torch.cat([conditions, model.none_condition_ids(labels)])
-    cache, state, step_tensor = _workspace(model, guidance, B, conditions.shape[0], cfg, device,
-                                           fixed_shape)
+    cache, state, step_tensor, step_fn = _workspace(model, guidance, B, conditions.shape[0], cfg,
+                                                    device, fixed_shape, compile_backend)
     tokens = torch.empty(B, N, dtype=torch.long, device=device)
     logits = model.prefill(conditions, cache)
     cache.advance(P)
@@ -182,14 +184,14 @@ _WORKSPACES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def _workspace(model, guidance: Guidance, batch: int, rows: int, cfg: bool, device: torch.device,
-               fixed_shape: bool):
+               fixed_shape: bool, compile_backend: Optional[str]):
     dtype = _activation_dtype(model, device)
-    key = (guidance, batch, rows, str(device), dtype)
+    key = (guidance, batch, rows, str(device), compile_backend, dtype)
     if fixed_shape and key in _WORKSPACES.get(model, {}):
-        cache, state, step_tensor = _WORKSPACES[model][key]
-        cache.reset()
-        state.history.zero_()
-        return cache, state, step_tensor
+        workspace = _WORKSPACES[model][key]
+        workspace[0].reset()
+        workspace[1].history.zero_()
+        return workspace
     N, P = model.num_image_tokens, model.num_prefix_positions
     cache = StaticKVCache(model.num_layers, rows, model.num_heads, P + N - 1, model.head_dim,
                           device=device, dtype=dtype)
@@ -198,7 +200,7 @@ def _workspace(model, guidance: Guidance, batch: int, rows: int, cfg: bool, devi
         cache.enable_multipliers(guidance.softcfg_target)
     state = StepState(guidance, batch, N, P, cfg, softcfg, device)
     if not fixed_shape:
-        return cache, state, None
+        return cache, state, None, decode_step
     cache.use_fixed_shape()
     step_tensor = torch.zeros((), dtype=torch.long, device=device)
     if device.type == "cuda":  # CUDA graphs replay on fixed addresses
@@ -206,21 +208,23 @@ def _workspace(model, guidance: Guidance, batch: int, rows: int, cfg: bool, devi
                   state.schedule.scales, state.schedule.guided, step_tensor,
                   *([cache.multipliers.values] if softcfg else [])):
             torch._dynamo.mark_static_address(t)
-    _WORKSPACES.setdefault(model, {})[key] = (cache, state, step_tensor)
-    return cache, state, step_tensor
-
-
-_COMPILED: dict = {}
+    step_fn = decode_step if compile_backend is None else compiled_decode_step(
+        compile_backend, cuda_graphs=device.type == "cuda")
+    workspace = _WORKSPACES.setdefault(model, {})[key] = (cache, state, step_tensor, step_fn)
+    return workspace
 
 
 def compiled_decode_step(backend: str = "inductor", cuda_graphs: bool = False):
-    """`decode_step` under torch.compile(fullgraph=True), one wrapper per backend and mode;
-    dynamo keeps one graph per model, shape and settings and reuses it."""
+    """A fresh `torch.compile(decode_step, fullgraph=True)` (CUDA graphs on a GPU).
+
+    Dynamo keeps its graphs per code object, so each call wraps its own copy of
+    `decode_step`'s code: `generate` keeps one per workspace (model, shape, settings),
+    which compiles once and never competes with other models for the recompile limit.
+    """
+    copy = types.FunctionType(decode_step.__code__.replace(), decode_step.__globals__,
+                              decode_step.__name__, decode_step.__defaults__)
     mode = "reduce-overhead" if cuda_graphs and backend == "inductor" else None
-    if (backend, mode) not in _COMPILED:
-        _COMPILED[backend, mode] = torch.compile(decode_step, backend=backend, mode=mode,
-                                                 fullgraph=True, dynamic=False)
-    return _COMPILED[backend, mode]
+    return torch.compile(copy, backend=backend, mode=mode, fullgraph=True, dynamic=False)
 
 
 def _check_labels(model: GuidedModel, labels: torch.Tensor) -> torch.Tensor:

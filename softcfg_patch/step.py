@@ -74,6 +74,13 @@ class Schedule:
         return self.interval <= -1 or step < 1 or step - 1 <= self.interval
 
 
+def at_step(table: torch.Tensor, step) -> torch.Tensor:
+    """table[step:step + 1] for an int step or a 0-d tensor step (a gather: no host sync)."""
+    if torch.is_tensor(step):
+        return table.index_select(0, step.view(1))
+    return table[step:step + 1]
+
+
 def mix(cond: torch.Tensor, uncond: Optional[torch.Tensor], step, schedule: Schedule) -> torch.Tensor:
     """Guided logits z_u + s_t (z_c - z_u) of step `step` (int or 0-d tensor); cond without CFG."""
     if uncond is None:
@@ -81,10 +88,10 @@ def mix(cond: torch.Tensor, uncond: Optional[torch.Tensor], step, schedule: Sche
     if isinstance(step, int):
         if not schedule.is_guided(step):
             return cond
-        return uncond + (cond - uncond) * schedule.scales[step]
-    guided = uncond + (cond - uncond) * schedule.scales[step]
+        return uncond + (cond - uncond) * at_step(schedule.scales, step)
+    guided = uncond + (cond - uncond) * at_step(schedule.scales, step)
     if schedule.interval > -1:  # fixed shapes: a select instead of a Python branch on t
-        guided = torch.where(schedule.guided[step], guided, cond)
+        guided = torch.where(at_step(schedule.guided, step), guided, cond)
     return guided
 
 

@@ -554,3 +554,11 @@ def test_on_step_hook_has_the_sampler_signature():
     tokens = hf.generate(model, cond, uncond, g, 4, generator=torch.Generator().manual_seed(3),
                          on_step=hook)
     assert seen == [(t, True) for t in range(4)] and tokens.shape == (2, 4)
+
+
+def test_janus_glue_imports_first_or_through_hf():
+    code = ("import softcfg_patch.hf_janus as j, softcfg_patch.hf as h; "
+            "assert h.janus_generate_images is j.janus_generate_images and h.janus_softcfg is j.janus_softcfg")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
