@@ -15,51 +15,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from softcfg_patch.cache import StaticKVCache, causal_attention
+from softcfg_patch.checkpoint import load_model
+from softcfg_patch.layers import RMSNorm, apply_rotary, rotary_table
 from softcfg_patch.step import at_step
-
-
-class RMSNorm(nn.Module):
-    """Normalised in float32 and cast back before the weight, as the reference does."""
-
-    def __init__(self, dim: int, eps: float = 1e-5) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
-
-
-def rotary_table(head_dim: int, prefix_len: int = 17, grid_size: int = 16,
-                 base: float = 10000.0) -> torch.Tensor:
-    """(cos, sin) per dimension pair for every position, [1 + prefix_len + grid_size**2, head_dim/2, 2].
-
-    Row 0 (the class condition) is all zeros, so its q and k vanish after rotation.
-    Rows 1..prefix_len: 1-D RoPE at positions 0..prefix_len-1. Then the grid in raster
-    order: the first half of the pairs rotate with the row index, the second half with
-    the column index, both offset by prefix_len.
-    """
-    half = head_dim // 2
-    freqs_1d = 1.0 / (base ** (torch.arange(0, head_dim, 2)[:half].float() / head_dim))
-    angles_1d = torch.outer(torch.arange(prefix_len).float(), freqs_1d)
-
-    freqs_2d = 1.0 / (base ** (torch.arange(0, half, 2)[:half // 2].float() / half))
-    axis = torch.outer(torch.arange(prefix_len, prefix_len + grid_size).float(), freqs_2d)
-    angles_2d = torch.cat([axis[:, None, :].expand(-1, grid_size, -1),
-                           axis[None, :, :].expand(grid_size, -1, -1)], dim=-1).flatten(0, 1)
-
-    angles = torch.cat([angles_1d, angles_2d])
-    table = torch.stack([torch.cos(angles), torch.sin(angles)], dim=-1)
-    return torch.cat([torch.zeros(1, half, 2), table])
-
-
-def apply_rotary(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (x[2i], x[2i+1]) of x [B, H, T, D] by table [T, D/2, 2], in float32."""
-    pairs = x.float().unflatten(-1, (-1, 2))
-    cos, sin = table[..., 0], table[..., 1]
-    a, b = pairs[..., 0], pairs[..., 1]
-    return torch.stack([a * cos - b * sin, b * cos + a * sin], dim=-1).flatten(-2).type_as(x)
 
 
 class Attention(nn.Module):
@@ -137,7 +95,13 @@ class ARModel(nn.Module):
                                     for _ in range(depth))
         self.norm = RMSNorm(dim)
         self.output = nn.Linear(dim, self.vocab_size, bias=True)
-        self.register_buffer("rope", rotary_table(self.head_dim, prefix_len, grid), persistent=False)
+        self.rope_sizes = (prefix_len, grid)
+        self.architecture = f"hidden {dim}, {depth} layers"
+        self.init_buffers()
+
+    def init_buffers(self, device: torch.device | str | None = None) -> None:
+        """(Re)build the rotary table, a computed buffer that meta-device loading leaves empty."""
+        self.register_buffer("rope", rotary_table(self.head_dim, *self.rope_sizes).to(device), persistent=False)
 
     # -- the GuidedModel protocol ------------------------------------------------------
     def condition_ids(self, labels: torch.Tensor) -> torch.Tensor:
@@ -174,3 +138,13 @@ class ARModel(nn.Module):
         for layer, block in enumerate(self.blocks):
             x = block(x, rope, cache, layer)
         return self.output(self.norm(x))
+
+
+GENERATOR_SOURCE = ("the AliTok release (github.com/ali-vilab/alitok, README 'Download Trained "
+                    "Models': alitok_b.bin, alitok_l.bin, alitok_xl.bin)")
+
+
+def load_generator(config, path) -> ARModel:
+    """The ARModel of `config` with the weights of `path` (meta-device build, strict keys)."""
+    return load_model(lambda: ARModel(config), path, what=f"AliTok generator ({config.experiment.name})",
+                      source=GENERATOR_SOURCE)

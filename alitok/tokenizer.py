@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import inspect
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from softcfg_patch.checkpoint import check_state_dict, read_state_dict
+from softcfg_patch.checkpoint import load_model
+from softcfg_patch.layers import to_uint8_hwc
 
 WEIGHTS_SOURCE = ("the AliTok release (github.com/ali-vilab/alitok, README 'Download Trained Models': "
                   "the tokenizer weight AliTok.pth, Google Drive "
@@ -277,12 +278,6 @@ def sizes_from_config_dict(config: Mapping[str, Any]) -> dict[str, Any]:
     return sizes
 
 
-def to_uint8_hwc(images: torch.Tensor) -> torch.Tensor:
-    """[B, 3, H, W] float in [0, 1] -> [B, H, W, 3] uint8: clamp, *255, truncate (the sampling scripts' rule)."""
-    # float32 first: x*255 in bf16/fp16 would land on the wrong integer.
-    return (images.float().clamp(0.0, 1.0) * 255.0).permute(0, 2, 3, 1).to(torch.uint8)
-
-
 def load_tokenizer(path: str | Path, **sizes: Any) -> AliTokTokenizer:
     """Build an AliTokTokenizer (published sizes unless overridden) and strictly load `path` into it.
 
@@ -294,12 +289,14 @@ def load_tokenizer(path: str | Path, **sizes: Any) -> AliTokTokenizer:
     if set(sizes) - known:
         raise TypeError(f"unknown AliTokTokenizer size argument(s) {sorted(set(sizes) - known)}; "
                         f"valid: {sorted(known)}")
-    what = "AliTok tokenizer"
-    state = read_state_dict(path, what=what, source=WEIGHTS_SOURCE)  # fails fast, before allocating
-    with torch.device("meta"):  # skip the random init of ~390M values that the file overwrites
-        model = AliTokTokenizer(**sizes)
-    check_state_dict(model, state, path=path, what=what, source=WEIGHTS_SOURCE,
-                     architecture=model.architecture)
-    model = model.to_empty(device="cpu")
-    model.load_state_dict(state, strict=True)  # copies, so the parameters stay float32
-    return model
+    return load_model(lambda: AliTokTokenizer(**sizes), path, what="AliTok tokenizer", source=WEIGHTS_SOURCE)
+
+
+def image_decoder(config, path: str | Path, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    """tokens [B, 273] -> uint8 images [B, 256, 256, 3] with the tokenizer at `path`; the codebook
+    is the generator's (model.vq_model) unless model.tokenizer overrides the sizes."""
+    vq = config.model.vq_model
+    sizes = {"codebook_size": vq.codebook_size, **({"token_size": vq.token_size} if vq.get("token_size") else {}),
+             **dict(config.model.get("tokenizer") or {})}
+    tokenizer = load_tokenizer(path, **sizes).to(device)
+    return lambda tokens: to_uint8_hwc(tokenizer.decode_tokens(tokens))

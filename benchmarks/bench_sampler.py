@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import softcfg_patch as sp  # noqa: E402
+from softcfg_patch.run import registry  # noqa: E402
 
 MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear",
               "mkldnn", "mkl_", "aten::_scaled_dot_product", "cpp_fused_mm", "extern_kernels")
@@ -55,12 +56,7 @@ def load_config(args):
 
 
 def build(family: str, config, device: torch.device, steps: int | None):
-    if family == "alitok":
-        from alitok.model import ARModel
-        model = ARModel(config)
-    else:
-        from rar.model import RAR
-        model = RAR(config)
+    model = registry.get(family).resolve("generator_class")(config)
     torch.manual_seed(0)
     for p in model.parameters():  # upstream zero-inits some heads; random weights keep sampling honest
         p.data.normal_(0, 0.02)
@@ -154,7 +150,7 @@ def main() -> None:
     args = parser.parse_args()
 
     device = torch.device(args.device)
-    family = "alitok" if args.model.startswith("alitok") else "rar"
+    family = registry.get(args.model).name
     config = load_config(args)
     model = build(family, config, device, args.steps)
     labels = torch.arange(args.batch_size, device=device) * 7 % model.num_classes

@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import softcfg_patch as sp  # noqa: E402
+from softcfg_patch.run import registry  # noqa: E402
 
 FIXTURES = ROOT / "tests" / "fixtures"
 CFG = sp.Guidance(guidance_scale=9.0, guidance_scale_pow=1.5)
@@ -81,12 +82,7 @@ def xl_model(family: str, device: torch.device, tiny: bool):
         return tiny_model(family, device)
     config = OmegaConf.load(ROOT / "configs" / f"{family}_xl.yaml")
     with torch.device(device):
-        if family == "alitok":
-            from alitok.model import ARModel
-            model = ARModel(config)
-        else:
-            from rar.model import RAR
-            model = RAR(config)
+        model = registry.get(family).resolve("generator_class")(config)
     torch.manual_seed(0)
     for p in model.parameters():
         p.data.normal_(0, 0.02)

@@ -30,8 +30,8 @@ import numpy as np
 
 from evaluations import evaluator as E
 from evaluations import metrics
-from evaluations.inception import InceptionWeightsError
 from evaluations.npz import BatchFileError, NpzImages
+from softcfg_patch.errors import SoftCFGError
 
 PAIRING_KEYS = ("sample.seed", "sample.per_proc_batch_size")
 LOWER_IS_BETTER = {"fid": True, "sfid": True, "inception_score": False, "precision": False, "recall": False}
@@ -40,7 +40,7 @@ LABELS = {"fid": "FID", "sfid": "sFID", "inception_score": "Inception Score", "p
 DIGITS = {"inception_score": 2}
 
 
-class PairingError(ValueError):
+class PairingError(SoftCFGError, ValueError):
     """A and B cannot be compared row by row; the message says why and what to do."""
 
 
@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.json and not Path(args.json).resolve().parent.is_dir():
             raise FileNotFoundError(f"--json {args.json}: folder {Path(args.json).resolve().parent} does not exist")
         result = compare(args)
-    except (BatchFileError, InceptionWeightsError, ValueError, OSError, zipfile.BadZipFile) as err:
+    except (SoftCFGError, ValueError, OSError, zipfile.BadZipFile) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print("\n".join(report_lines(result)))

@@ -39,10 +39,10 @@ import torch
 from tqdm import tqdm
 
 from evaluations import metrics
-from evaluations.inception import (NORMALIZE_MODES, RESIZE_MODES, WEIGHTS_ENV, FIDInception,
-                                   InceptionWeightsError, find_weights)
-from evaluations.npz import (BatchFileError, NpzImages, file_sha256, remove_stale_temporaries,
-                              verified_sha256)
+from evaluations.inception import NORMALIZE_MODES, RESIZE_MODES, WEIGHTS_ENV, FIDInception, find_weights
+from evaluations.npz import BatchFileError, NpzImages, file_sha256, verified_sha256
+from softcfg_patch.errors import SoftCFGError
+from softcfg_patch.run.output import atomic_write, save_npz
 
 CACHE_VERSION = 1
 PUBLISHED_WEIGHTS_SHA256_PREFIX = "6726825d"  # torch.hub's check: the file's SHA-256 starts with it
@@ -195,16 +195,6 @@ def cache_path(batch_path: Path, key: str) -> Path:
     return batch_path.with_name(f"{batch_path.stem}.fid-inception-{key[:16]}.npz")
 
 
-def _atomic_save_npz(path: Path, arrays: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    remove_stale_temporaries(path)  # left by an earlier run that was killed while writing
 
 
 def _read_cache(path: Path, key: str, keys: tuple, rows: int) -> dict | None:
@@ -241,7 +231,7 @@ def cached_activations(model: FIDInception, images: NpzImages, args, file_sha: s
                                desc=desc, keys=keys)
     if info["cache"] is not None:
         try:
-            _atomic_save_npz(info["cache"], {**acts, "key": np.array(key)})
+            save_npz(info["cache"], **acts, key=np.array(key))  # also clears a killed run's temporary
         except OSError as err:  # read-only dataset folder: evaluation still succeeds
             print(f"warning: could not write the activation cache {info['cache']} ({err})", file=sys.stderr)
     return acts, info
@@ -381,16 +371,15 @@ def bootstrap_lines(boot: dict) -> list[str]:
 
 
 def write_json(path: str, results: dict, settings: dict) -> None:
-    tmp = Path(path).with_name(f".{Path(path).name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({**results, "settings": settings}, indent=2) + "\n")
-    os.replace(tmp, path)
+    text = json.dumps({**results, "settings": settings}, indent=2) + "\n"
+    atomic_write(Path(path), lambda tmp: tmp.write_text(text))
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         results, settings = evaluate(args)
-    except (BatchFileError, InceptionWeightsError, ValueError, OSError, zipfile.BadZipFile) as err:
+    except (SoftCFGError, ValueError, OSError, zipfile.BadZipFile) as err:  # bad input: exit 2
         print(f"error: {err}", file=sys.stderr)
         return 2
     for label, key in RESULT_LINES:  # only now: never a partial result

@@ -14,8 +14,8 @@ resize to 299x299 (no half-pixel offset) on 0..255 pixels, then (x - 128) / 128.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
+import math
 import os
 from pathlib import Path
 
@@ -23,6 +23,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from softcfg_patch.checkpoint import CheckpointError, check_state_dict, read_state_dict
+from softcfg_patch.precision import tf32
 
 WEIGHT_FILES = {  # published file name -> where to download it by hand
     "pt_inception-2015-12-05-6726825d.pth":
@@ -39,7 +42,7 @@ INPUT_SIZE = 299
 SPATIAL_CHANNELS = 7  # ADM keeps channels 0..6 of mixed_6/conv for sFID
 
 
-class InceptionWeightsError(ValueError):
+class InceptionWeightsError(CheckpointError):
     """A weight file that exists but is not the FID Inception network."""
 
 
@@ -191,17 +194,6 @@ def spatial_features(mixed_6d: torch.Tensor) -> torch.Tensor:
     return kept.reshape(kept.shape[0], -1)
 
 
-@contextlib.contextmanager
-def _no_tf32():
-    """Full float32 convolutions and matmuls on Ampere+ GPUs (TF32 would move features ~1e-3)."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
-
-
 # ----------------------------------------------------------------------------- the network
 
 class FIDInception(nn.Module):
@@ -276,7 +268,7 @@ class FIDInception(nn.Module):
         return (x - 128) / 128 if self.normalize == "adm" else 2 * x - 1
 
     def forward(self, images) -> dict[str, torch.Tensor]:
-        with _no_tf32():
+        with tf32(False):
             x = self.preprocess(images)
             for name in ("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3"):
                 x = getattr(self, name)(x)
@@ -338,44 +330,47 @@ def _how_to_get() -> str:
 
 
 def read_weight_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read tensors only (safetensors, or torch.load with weights_only=True)."""
-    path = Path(path)
-    if not path.is_file():
+    """Read tensors only (safetensors, or torch.load with weights_only=True), via the project's loader."""
+    if not Path(path).is_file():
         raise FileNotFoundError(f"Inception weights not found: '{path}'. " + _how_to_get())
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-            state = load_file(str(path), device="cpu")
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated download, HTML error page, pickle with code objects ...
-        reason = (str(err).strip().splitlines() or [""])[0][:200]
-        raise InceptionWeightsError(
-            f"could not read Inception weights '{path}' ({type(err).__name__}: {reason}); the file is "
-            f"truncated, corrupt or not a plain tensor checkpoint. " + _how_to_get()) from err
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-        raise InceptionWeightsError(f"'{path}' does not hold a state dict of tensors. " + _how_to_get())
-    return state
+    return read_state_dict(path, what="Inception weights", source=_sources(), error=InceptionWeightsError)
+
+
+def _sources() -> str:
+    return " or ".join(f"{name} from {url}" for name, url in WEIGHT_FILES.items())
 
 
 def load_state_dict_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str = "state dict") -> None:
-    """load_state_dict(strict=True), with missing BN counters filled in and readable errors."""
+    """load_state_dict(strict=True, assign=True), with missing BN counters filled in and readable errors."""
     state = dict(state)
     expected = model.state_dict()
     for key, value in expected.items():
         # torch-fidelity's converter writes no counters; they never affect eval-mode outputs
         if key.endswith("num_batches_tracked") and key not in state:
             state[key] = torch.zeros_like(value)
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-              for k in sorted(set(expected) & set(state)) if state[k].shape != expected[k].shape]
-    if missing or unexpected or shapes:
-        parts = [f"{title}: {', '.join(items[:4])}{' ...' if len(items) > 4 else ''} ({len(items)})"
-                 for title, items in (("missing keys", missing), ("unexpected keys", unexpected),
-                                      ("shape mismatches", shapes)) if items]
-        raise InceptionWeightsError(f"'{source}' is not the FID Inception network: " + "; ".join(parts)
-                                    + ". " + _how_to_get())
-    model.load_state_dict(state, strict=True)
+    check_state_dict(model, state, path=source, what="FID Inception network", source=_sources(),
+                     error=InceptionWeightsError)
+    state = {k: v.to(expected[k].dtype) if v.is_floating_point() else v for k, v in state.items()}
+    model.load_state_dict(state, strict=True, assign=True)  # the file's tensors, not a copy
+
+
+def random_weights(seed: int) -> dict[str, torch.Tensor]:
+    """Seeded random weights of the FID network (recipe: tests/fixtures/inception/README.md
+    section 2), for SMOKE runs: He-normal convs keep activations well scaled, so metrics are
+    finite but meaningless. The BN counters are left out (the loader fills them in)."""
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in FIDInception(weights=None).state_dict().items()
+                  if not k.endswith("num_batches_tracked")}
+    gen, state = torch.Generator().manual_seed(seed), {}
+    for key in sorted(shapes):
+        shape = shapes[key]
+        if key.endswith("bn.running_var"):
+            r = torch.rand(shape, generator=gen, dtype=torch.float64) + 0.5
+        else:
+            r = torch.randn(shape, generator=gen, dtype=torch.float64)
+            scale, shift = (math.sqrt(2.0 / shape[1:].numel()), 0.0) if key.endswith("conv.weight") else \
+                (math.sqrt(1.0 / 2048), 0.0) if key == "fc.weight" else \
+                (0.1, 1.0) if key.endswith("bn.weight") else (0.1, 0.0)
+            r = r * scale + shift
+        state[key] = r.to(torch.float32)
+    return state

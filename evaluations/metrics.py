@@ -12,7 +12,6 @@ All functions accept numpy arrays or torch tensors of any feature dimension.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import warnings
 
@@ -21,6 +20,8 @@ import scipy
 import torch
 from scipy import linalg
 from scipy.linalg import lapack
+
+from softcfg_patch.precision import tf32
 
 DISTANCE_RULES = ("fp16", "fp32")
 FID_METHODS = ("sqrtm", "eigh")
@@ -172,16 +173,6 @@ def inception_score(logits, split_size: int = 5000) -> float:
 
 # ----------------------------------------------------------------------------- precision / recall
 
-@contextlib.contextmanager
-def _no_tf32():
-    saved = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = saved
-
-
 def _prepare(x: torch.Tensor) -> dict[str, torch.Tensor]:
     """What every distance block of one feature set needs, computed once: the float32 rows and
     norms (fallback) and the float16-cast rows (float32 storage, for the GEMM) and float16 norms."""
@@ -205,7 +196,7 @@ def _block_distances(a: dict, b: dict, distance: str, sub_rows: int = 2048) -> t
     operations since float32 has 24 >= 2 * 11 + 2 bits (double rounding is harmless).
     """
     out = torch.empty(len(a["x32"]), len(b["x32"]), dtype=torch.float32, device=a["x32"].device)
-    with _no_tf32():
+    with tf32(False):
         if distance == "fp16":
             for s in range(0, len(out), sub_rows):  # bounds the temporaries of 10000 x 10000 blocks
                 g = (a["x16"][s:s + sub_rows] @ b["x16"].t()).half()

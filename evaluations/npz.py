@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
-import time
 import warnings
 import zipfile
 import zlib
@@ -20,11 +19,13 @@ from typing import Iterator
 
 import numpy as np
 
+from softcfg_patch.errors import SoftCFGError
+
 IMAGES_KEY = "arr_0"
 STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
 
 
-class BatchFileError(ValueError):
+class BatchFileError(SoftCFGError, ValueError):
     """An npz batch file that cannot be evaluated; the message says what to fix."""
 
 
@@ -215,37 +216,6 @@ def _hash_and_crc(path: Path, spans: list, inflaters: list, crcs: list, h, chunk
                     crcs[i] = zlib.crc32(data, crcs[i])
             pos += len(block)
     return crcs
-
-
-def remove_stale_temporaries(path: str | os.PathLike, min_age_s: float = 60.0) -> list[Path]:
-    """Delete the `.NAME.PID.tmp` files that write-then-rename left next to `path` when a process
-    writing it was killed (they can be GBs). Kept: a file whose process is alive here, and one
-    written in the last `min_age_s` seconds (a writer on another host sharing the folder)."""
-    path, removed = Path(path), []
-    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
-        pid = tmp.name[len(path.name) + 2:-4]
-        if not pid.isdigit() or _alive(int(pid)):
-            continue
-        try:
-            if time.time() - tmp.stat().st_mtime < min_age_s:
-                continue
-        except FileNotFoundError:
-            continue
-        tmp.unlink(missing_ok=True)
-        removed.append(tmp)
-    return removed
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's live process
-        return True
-    return True
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 24) -> str:

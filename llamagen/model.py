@@ -12,7 +12,6 @@ dropout, the loss) are left out.
 """
 from __future__ import annotations
 
-import argparse
 import warnings
 from pathlib import Path
 
@@ -20,11 +19,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# LlamaGen's RMSNorm, interleaved rotary pairs and 2-D grid table are the same arithmetic
-# as AliTok's (a grid with no 1-D prefix and one all-zero condition row), so share them.
-from alitok.model import RMSNorm, apply_rotary, rotary_table
 from softcfg_patch.cache import StaticKVCache, causal_attention
-from softcfg_patch.checkpoint import CheckpointError, check_state_dict, read_state_dict
+# The same arithmetic as AliTok's (a grid with no 1-D prefix and one all-zero condition row).
+from softcfg_patch.layers import RMSNorm, apply_rotary, rotary_table
+from softcfg_patch.checkpoint import CheckpointError, load_model, read_state_dict
 
 HF_REPO = "https://huggingface.co/FoundationVision/LlamaGen"
 WEIGHTS_SOURCE = (f"the LlamaGen Hugging Face repo {HF_REPO} (c2i_B_256.pt, c2i_B_384.pt, c2i_L_256.pt, "
@@ -142,6 +140,8 @@ class GPT(nn.Module):
         table = rotary_table(self.head_dim, prefix_len=0, grid_size=self.grid_size, base=self.rope_base)
         self.register_buffer("rope", table.to(device) if device is not None else table, persistent=False)
 
+    init_buffers = reset_rope  # what the shared loader calls after a meta-device build
+
     # -- the GuidedModel protocol ------------------------------------------------------
     def condition_ids(self, labels: torch.Tensor) -> torch.Tensor:
         return labels
@@ -200,29 +200,6 @@ def _check_sizes(dim: int, n_head: int, n_kv_head: int, block_size: int, cls_tok
 
 
 # -- checkpoints ---------------------------------------------------------------------------
-def read_llamagen_state_dict(path: str | Path, *, what: str, source: str) -> dict[str, torch.Tensor]:
-    """Read a LlamaGen checkpoint safely: DDP files keep the weights under "model" (also
-    "module", "state_dict") beside an argparse.Namespace of training args, which
-    weights_only loading allows as a plain container; FSDP files are the raw state dict."""
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            state = read_state_dict(path, what=what, source=source)
-    except CheckpointError as err:  # keep the error to one line (torch's own text spans many)
-        if err.__cause__ is not None:
-            raise CheckpointError(
-                f"could not read {what} checkpoint '{path}' ({type(err.__cause__).__name__}; only tensors are "
-                f"loaded, with weights_only=True): the file is truncated, corrupt, not a PyTorch/safetensors "
-                f"checkpoint, or holds pickled objects; download it again from {source}") from err.__cause__
-        if "does not hold" in str(err):  # readable, but no state dict inside: say what is expected
-            raise CheckpointError(f"{err}; expected a state dict of tensors, raw or under \"model\", "
-                                  f"\"module\" or \"state_dict\", as in the files from {source}") from None
-        raise
-    prefix = "_orig_mod."  # saved from a torch.compile'd module
-    if state and all(k.startswith(prefix) for k in state):
-        state = {k[len(prefix):]: v for k, v in state.items()}
-    return state
-
-
 def load_gpt(config, path: str | Path) -> GPT:
     """Build the GPT of `config` and strictly load `path` into it (float32, eval mode, no grads).
 
@@ -230,22 +207,17 @@ def load_gpt(config, path: str | Path) -> GPT:
     anything else that does not match is an error that says which config fits the file.
     """
     what = "LlamaGen GPT"
-    state = read_llamagen_state_dict(path, what=what, source=WEIGHTS_SOURCE)
+    state = read_state_dict(path, what=what, source=WEIGHTS_SOURCE)
     extras = sorted(k for k in state if k.endswith(HARMLESS_EXTRAS))
     if extras:
         warnings.warn(f"'{path}': ignoring {len(extras)} upstream buffer(s) that hold no weights: "
                       f"{', '.join(extras[:4])}{', ...' if len(extras) > 4 else ''}", stacklevel=2)
         state = {k: v for k, v in state.items() if k not in extras}
-    with torch.device("meta"):  # skip a random init that the file overwrites anyway
-        model = GPT(config)
-    _check_is_llamagen(state, model, path)
-    check_state_dict(model, state, path=path, what=what, source=WEIGHTS_SOURCE, architecture=model.architecture)
-    model.load_state_dict(state, strict=True, assign=True)
-    model.reset_rope("cpu")
-    return model.float().eval().requires_grad_(False)
+    _check_is_llamagen(state, config.model.generator, path)
+    return load_model(lambda: GPT(config), path, what=what, source=WEIGHTS_SOURCE, state=state)
 
 
-def _check_is_llamagen(state: dict, model: GPT, path) -> None:
+def _check_is_llamagen(state: dict, gen, path) -> None:
     """One-line errors for the two common mistakes: not a LlamaGen file, or another size."""
     embed = state.get("tok_embeddings.weight")
     if embed is None or "cls_embedding.embedding_table.weight" not in state:
@@ -253,9 +225,8 @@ def _check_is_llamagen(state: dict, model: GPT, path) -> None:
         raise CheckpointError(f"'{path}' is not a LlamaGen class-conditional GPT checkpoint (no tok_embeddings/"
                               f"cls_embedding keys; it starts with {sample}); pass a c2i_*.pt file from {HF_REPO}")
     n_layer = len({k.split(".")[1] for k in state if k.startswith("layers.")})
-    if embed.shape[1] != model.tok_embeddings.embedding_dim or n_layer != model.num_layers:
+    if embed.shape[1] != gen.dim or n_layer != gen.n_layer:
         sizes = {768: "b", 1024: "l", 1280: "xl", 1536: "xxl", 3200: "3b"}
         hint = f"configs/llamagen_{sizes[embed.shape[1]]}*.yaml" if embed.shape[1] in sizes else "a matching config"
         raise CheckpointError(f"'{path}' holds a LlamaGen GPT with dim {embed.shape[1]} and {n_layer} layers, "
-                              f"but the config builds dim {model.tok_embeddings.embedding_dim} and "
-                              f"{model.num_layers} layers; use {hint}")
+                              f"but the config builds dim {gen.dim} and {gen.n_layer} layers; use {hint}")

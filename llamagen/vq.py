@@ -14,11 +14,14 @@ with (0, 1, 0, 1) padding, three ResNet blocks per decoder level.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from softcfg_patch import layers
+from softcfg_patch.checkpoint import load_model
 
 HF_REPO = "https://huggingface.co/FoundationVision/LlamaGen"
 WEIGHTS_SOURCE = f"the LlamaGen Hugging Face repo {HF_REPO} (file vq_ds16_c2i.pt)"
@@ -239,8 +242,7 @@ class VQModel(nn.Module):
 
 def to_uint8_hwc(images: torch.Tensor) -> torch.Tensor:
     """[B, 3, H, W] in [-1, 1] -> [B, H, W, 3] uint8: clamp(127.5 x + 128, 0, 255), truncated (upstream)."""
-    return (127.5 * images.float() + 128.0).clamp(0, 255).permute(0, 2, 3, 1).to(torch.uint8)
-
+    return layers.to_uint8_hwc(images, scale=127.5, offset=128.0)
 
 def resize_for_eval(images: torch.Tensor, size: int = 256) -> torch.Tensor:
     """Upstream's FID protocol for the 384 checkpoints: bicubic resize (no antialias) of the
@@ -252,13 +254,20 @@ def resize_for_eval(images: torch.Tensor, size: int = 256) -> torch.Tensor:
 
 def load_vq(path: str | Path, **sizes) -> VQModel:
     """Build a VQModel (VQ-16 unless overridden) and strictly load `path` (its "model" entry)."""
-    from .model import read_llamagen_state_dict
-    from softcfg_patch.checkpoint import check_state_dict
+    return load_model(lambda: VQModel(**sizes), path, what="LlamaGen VQ tokenizer", source=WEIGHTS_SOURCE)
 
-    what = "LlamaGen VQ tokenizer"
-    state = read_llamagen_state_dict(path, what=what, source=WEIGHTS_SOURCE)
-    with torch.device("meta"):
-        model = VQModel(**sizes)
-    check_state_dict(model, state, path=path, what=what, source=WEIGHTS_SOURCE, architecture=model.architecture)
-    model.load_state_dict(state, strict=True, assign=True)
-    return model.float().eval().requires_grad_(False)
+
+def image_decoder(config, path: str | Path, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    """tokens [B, h*w] -> uint8 images [B, 256, 256, 3]: decoded at the model's resolution (16 h),
+    resized to sample.image_size_eval with bicubic before the uint8 conversion, as upstream."""
+    vq = load_vq(path, **config.model.vq_model).to(device)
+    size = int(config.sample.image_size_eval)
+    return lambda tokens: to_uint8_hwc(resize_for_eval(vq.decode_code(tokens), size))
+
+
+def random_weights(config, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A seeded, default-initialised VQ of `config.model.vq_model`'s sizes (SMOKE runs: the
+    tiny config ships no VQ weights; the images it decodes mean nothing)."""
+    with torch.random.fork_rng(devices=[]):  # leaves the caller's random stream alone
+        torch.manual_seed(seed)
+        return VQModel(**config.model.vq_model).state_dict()

@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from softcfg_patch.cache import StaticKVCache, causal_attention
+from softcfg_patch.checkpoint import load_model
 
 LN_EPS = 1e-6
 PREFIX = 2  # cls + class condition, the positions before x_0
@@ -183,3 +184,14 @@ class RAR(nn.Module):
         predicts = (j >= 1) & (j <= self.num_image_tokens)
         rows = self.target_aware_pos_embed[0, j + 1]  # j + 1 <= N + 2, inside the N + 1024 table
         return torch.where(predicts[:, None], rows, torch.zeros_like(rows))[None]
+
+
+GENERATOR_SOURCE = ("Hugging Face yucornetto/RAR (rar_b.bin, rar_l.bin, rar_xl.bin, rar_xxl.bin; "
+                    "see bytedance/1d-tokenizer README_RAR.md)")
+
+
+def load_generator(config, path) -> RAR:
+    """The RAR of `config` with the weights of `path` (meta-device build, strict keys)."""
+    gen = config.model.generator
+    return load_model(lambda: RAR(config), path, what=f"RAR generator ({config.experiment.name})",
+                      source=GENERATOR_SOURCE, architecture=f"hidden {gen.hidden_size}, {gen.num_hidden_layers} layers")

@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import inspect
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from softcfg_patch.checkpoint import load_model
+from softcfg_patch.layers import to_uint8_hwc
 
 WEIGHTS_FILE = "maskgit-vqgan-imagenet-f16-256.bin"
 WEIGHTS_SOURCE = (f"HuggingFace, repo fun-research/TiTok, file {WEIGHTS_FILE} "
@@ -262,12 +265,6 @@ def sizes_from_config_dict(config: Mapping[str, Any]) -> dict[str, Any]:
     return sizes
 
 
-def to_uint8_hwc(images: torch.Tensor) -> torch.Tensor:
-    """[B, 3, H, W] float -> [B, H, W, 3] uint8: clamp to [0, 1], *255, truncate (the sampling scripts' rule)."""
-    # float32 first: x*255 in bf16/fp16 would land on the wrong integer.
-    return (images.float().clamp(0.0, 1.0) * 255.0).permute(0, 2, 3, 1).to(torch.uint8)
-
-
 def load_vqgan(path: str | Path, **sizes: Any) -> MaskGITVQGAN:
     """Build a MaskGITVQGAN (published sizes unless overridden) and strictly load `path` into it.
 
@@ -276,16 +273,17 @@ def load_vqgan(path: str | Path, **sizes: Any) -> MaskGITVQGAN:
     in eval mode with gradients off. Raises FileNotFoundError for a missing file and
     ValueError (CheckpointError) for an unreadable or mismatched one.
     """
-    from softcfg_patch.checkpoint import check_state_dict, read_state_dict
-
     known = set(inspect.signature(MaskGITVQGAN.__init__).parameters) - {"self"}
     if set(sizes) - known:
         raise TypeError(f"unknown MaskGITVQGAN size argument(s) {sorted(set(sizes) - known)}; valid: {sorted(known)}")
-    what = "MaskGIT-VQGAN tokenizer"
-    state = read_state_dict(path, what=what, source=WEIGHTS_SOURCE)  # fails fast, before allocating
-    with torch.device("meta"):  # skip a random init that the file overwrites anyway
-        model = MaskGITVQGAN(**sizes)
-    check_state_dict(model, state, path=path, what=what, source=WEIGHTS_SOURCE, architecture=model.architecture)
-    model = model.to_empty(device="cpu")
-    model.load_state_dict(state, strict=True)  # copies into float32 parameters
-    return model.eval().requires_grad_(False)
+    return load_model(lambda: MaskGITVQGAN(**sizes), path, what="MaskGIT-VQGAN tokenizer", source=WEIGHTS_SOURCE)
+
+
+def image_decoder(config, path: str | Path, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    """tokens [B, 256] -> uint8 images [B, 256, 256, 3] with the VQGAN at `path`; the codebook is
+    the generator's (model.vq_model) unless model.tokenizer overrides the sizes."""
+    vq = config.model.vq_model
+    sizes = {"num_embeddings": vq.codebook_size, **({"embedding_dim": vq.token_size} if vq.get("token_size") else {}),
+             **dict(config.model.get("tokenizer") or {})}
+    vqgan = load_vqgan(path, **sizes).to(device)
+    return lambda tokens: to_uint8_hwc(vqgan.decode_tokens(tokens))

@@ -29,30 +29,37 @@ import sys
 from pathlib import Path
 from typing import Iterable, Optional
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+from softcfg_patch.errors import SoftCFGError, exit_on_error  # noqa: E402
+from softcfg_patch.run import registry  # noqa: E402
+from softcfg_patch.run.output import atomic_write  # noqa: E402
+
 METRICS = (("fid", "FID", 3), ("inception_score", "IS", 1), ("sfid", "sFID", 3),
            ("precision", "Precision", 3), ("recall", "Recall", 3))  # (key, column, decimals)
 REQUIRED = ("model", "method", "smoke", "guidance", "seed", "num_samples", "metrics", "git_commit")
-SIZE_RANK = {"b": 0, "l": 1, "xl": 2, "xxl": 3}
 SMOKE_BANNER = ("> **SMOKE run** - tiny golden models, a random reference batch and a randomly "
                 "initialised Inception network: these are **NOT real FID / IS numbers**.")
 
 
-def load_rows(folders: Iterable) -> list:
-    """Every row json under the folders; a broken row is an error naming the file."""
+def load_rows(folders: Iterable, what: str = "a table script") -> list:
+    """Every row json under the folders; a broken row, or none at all, is an error naming the files."""
+    folders = list(folders)
     rows = []
     for folder in map(Path, folders):
         if not folder.is_dir():
-            raise SystemExit(f"error: {folder} is not a folder of result rows (expected e.g. results/table1_alitok)")
+            raise SoftCFGError(f"{folder} is not a folder of result rows (expected e.g. results/table1_alitok)")
         files = sorted((folder / "rows").glob("*.json")) or sorted(folder.glob("*.json"))
         for path in files:
             try:
                 row = json.loads(path.read_text())
             except (OSError, json.JSONDecodeError) as err:
-                raise SystemExit(f"error: cannot read row {path}: {err}; delete it and rerun its setting")
+                raise SoftCFGError(f"cannot read row {path}: {err}; delete it and rerun its setting")
             lacking = [k for k in REQUIRED if k not in row]
             if lacking:
-                raise SystemExit(f"error: row {path} lacks {lacking}; delete it and rerun its setting")
+                raise SoftCFGError(f"row {path} lacks {lacking}; delete it and rerun its setting")
             rows.append(row)
+    if not rows:
+        raise SoftCFGError(f"no result rows in {', '.join(map(str, folders))} (run {what} first)")
     return rows
 
 
@@ -75,8 +82,14 @@ def mean_std(values: list) -> tuple:
 
 
 def model_rank(model: str) -> tuple:
-    fam, _, size = model.partition("_")
-    return fam, SIZE_RANK.get(size, 9), size
+    return registry.size_rank(model)
+
+
+def reference_fids(groups: list) -> list:
+    """"llamagen_xl 2.62" for every model in the table with a published FID (registry)."""
+    models = sorted({g["model"] for g in groups}, key=model_rank)
+    known = {name: fid for family in registry.MODELS.values() for name, fid in family.reference_fid.items()}
+    return [f"{m} {known[m]:g}" for m in models if m in known]
 
 
 def summarize(rows: list) -> list:
@@ -155,6 +168,9 @@ def to_markdown(groups: list, title: str, baseline: Optional[str] = None) -> str
                      f"{baseline}. Paired settings: {sum(1 for g in groups if g.get('delta_fid'))}"
                      + (f"; not paired: {'; '.join(sorted({n for g in groups for n in g.get('unpaired', [])}))}"
                         if any(g.get("unpaired") for g in groups) else "") + ".")
+    if reference_fids(groups):
+        lines += ["", "Published FID (upstream README, CFG at the upstream setting, 50k samples): "
+                      + ", ".join(reference_fids(groups)) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -178,7 +194,7 @@ def add_paired_deltas(groups: list, folder: Path, baseline: str, num_resamples: 
     """g["delta_fid"] (and g["paired"]: per-metric, per seed) for every non-baseline group."""
     base_rows = {pair_key(r): r for g in groups if g["method"] == baseline for r in g["rows"]}
     if not base_rows:
-        raise SystemExit(f"error: --baseline {baseline}: no rows with method '{baseline}' in {folder}")
+        raise SoftCFGError(f"--baseline {baseline}: no rows with method '{baseline}' in {folder}")
     networks: dict = {}
     for g in groups:
         if g["method"] == baseline:
@@ -234,18 +250,15 @@ def paired_result(folder: Path, base: dict, row: dict, num_resamples: int, devic
             networks[key] = evaluator.load_network(args, evaluator.resolve_device(device))
         result = compare.compare(args, networks[key])
     except (ValueError, OSError) as err:
-        raise SystemExit(f"error: pairing {base['run']} with {row['run']} failed: {err}")
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, cache)
+        raise SoftCFGError(f"pairing {base['run']} with {row['run']} failed: {err}")
+    atomic_write(cache, lambda tmp: tmp.write_text(json.dumps(result, indent=2) + "\n"))
     return result
 
 
 def best_group(groups: list, method: str) -> dict:
     candidates = [g for g in groups if g["method"] == method]
     if not candidates:
-        raise SystemExit(f"error: --best {method}: no rows with that method")
+        raise SoftCFGError(f"--best {method}: no rows with that method")
     return min(candidates, key=lambda g: g["metrics"]["fid"][0])
 
 
@@ -280,7 +293,10 @@ def write_csv(groups: list, path: Path) -> None:
               + [f"{k}_{s}" for k, _, _ in METRICS for s in ("mean", "std", "boot_std")]
               + [f"delta_fid_{s}" for s in ("mean", "std", "ci_low", "ci_high", "p_value")]
               + ["git_commits", "inception_sha256"])
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    atomic_write(path, lambda tmp: _write_csv_rows(tmp, groups, header, guidance_keys))
+
+
+def _write_csv_rows(tmp: Path, groups: list, header: list, guidance_keys: list) -> None:
     with open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(header)
@@ -293,9 +309,9 @@ def write_csv(groups: list, path: Path) -> None:
                         " ".join(map(str, g["seeds"]))] + [g["guidance"].get(k, "") for k in guidance_keys]
                        + ["" if v is None else repr(v) for v in stats]
                        + [" ".join(g["git_commits"]), " ".join(g["inception"])])
-    os.replace(tmp, path)
 
 
+@exit_on_error()  # bad input: `error: ...` on stderr, exit status 2
 def main(argv: Optional[list] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("folders", nargs="+", help="result folders, e.g. results/table1_alitok")
@@ -310,9 +326,6 @@ def main(argv: Optional[list] = None) -> int:
                    help="only print the best CFG and SoftCFG points, their difference and the noise floor")
     args = p.parse_args(argv)
     rows = load_rows(args.folders)
-    if not rows:
-        print(f"error: no result rows in {', '.join(args.folders)} (run a table script first)", file=sys.stderr)
-        return 2
     groups = summarize(rows)
     if args.best:
         print(best_setting(groups, args.best))
@@ -326,10 +339,7 @@ def main(argv: Optional[list] = None) -> int:
     title = args.title or Path(args.folders[0]).resolve().name
     md = to_markdown(groups, title + (" [SMOKE - NOT a real FID]" if any(g["smoke"] for g in groups) else ""),
                      args.baseline)
-    prefix.parent.mkdir(parents=True, exist_ok=True)
-    tmp = prefix.with_name(f".{prefix.name}.md.{os.getpid()}.tmp")
-    tmp.write_text(md)
-    os.replace(tmp, f"{prefix}.md")
+    atomic_write(Path(f"{prefix}.md"), lambda tmp: tmp.write_text(md))
     write_csv(groups, Path(f"{prefix}.csv"))
     print(md)
     print(f"wrote {prefix}.md and {prefix}.csv ({len(rows)} rows, {len(groups)} settings)")

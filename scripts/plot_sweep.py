@@ -11,7 +11,6 @@ legend and the PNG's metadata.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -23,6 +22,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from collect_results import load_rows, summarize  # noqa: E402
+
+from softcfg_patch.errors import SoftCFGError, exit_on_error  # noqa: E402 (collect_results put the repo on sys.path)
+from softcfg_patch.run.output import atomic_write  # noqa: E402
 
 PANELS = (("fid", "FID (lower is better)"), ("inception_score", "Inception Score (higher is better)"))
 
@@ -40,7 +42,7 @@ def plot(groups: list, out: Path) -> Path:
         if g["guidance"]["guidance_scale"] > 0:  # the unguided baseline has no scale axis
             lines.setdefault(line_label(g), []).append(g)
     if not lines:
-        raise SystemExit("error: no guided rows to plot (a sweep needs guidance_scale > 0)")
+        raise SoftCFGError("no guided rows to plot (a sweep needs guidance_scale > 0)")
     smoke = any(g["smoke"] for g in groups)
     title = " / ".join(sorted({g["model"] for g in groups})) + " guidance sweep"
     if smoke:
@@ -62,23 +64,21 @@ def plot(groups: list, out: Path) -> Path:
     axes[0].legend(fontsize=8)
     fig.suptitle(title, color="red" if smoke else "black")
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.stem}.{os.getpid()}.tmp{out.suffix}")  # keep the suffix: it picks the format
-    fig.savefig(tmp, dpi=120, metadata={"Title": title.replace("\n", " - ")})
-    plt.close(fig)
-    os.replace(tmp, out)
+    try:  # the temporary name has no image suffix: say the format
+        atomic_write(out, lambda tmp: fig.savefig(tmp, format=out.suffix[1:] or "png", dpi=120,
+                                                  metadata={"Title": title.replace("\n", " - ")}))
+    finally:
+        plt.close(fig)
     return out
 
 
+@exit_on_error()  # bad input: `error: ...` on stderr, exit status 2
 def main(argv: Optional[list] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("folders", nargs="+", help="sweep result folders, e.g. results/sweep_alitok_xl")
     p.add_argument("--out", help="image file (default: FIRST_FOLDER/sweep.png)")
     args = p.parse_args(argv)
-    rows = load_rows(args.folders)
-    if not rows:
-        print(f"error: no result rows in {', '.join(args.folders)} (run scripts/sweep.sh first)", file=sys.stderr)
-        return 2
+    rows = load_rows(args.folders, what="scripts/sweep.sh")
     out = plot(summarize(rows), Path(args.out) if args.out else Path(args.folders[0]) / "sweep.png")
     print(f"wrote {out}")
     return 0

@@ -4,7 +4,7 @@
     python scripts/run_setting.py --table table1_alitok --model alitok_xl --method SoftCFG \
         --guidance-scale 9 --guidance-scale-pow 1.5 --softcfg-strength 1 --seed 0
 
-1. sample NUM_SAMPLES images with alitok/ or rar/sample_imagenet.py (torch.distributed.run
+1. sample NUM_SAMPLES images with the model family's sampler, e.g. alitok/sample_imagenet.py (torch.distributed.run
    when NPROC > 1) into RESULTS/samples/<run>/ and RESULTS/samples/<run>.npz;
 2. evaluate that npz against REF with evaluations/evaluator.py;
 3. write the row RESULTS/<table>/rows/<run>.json (atomically, last).
@@ -33,6 +33,7 @@ import subprocess
 import sys
 import time
 import zipfile
+from dataclasses import fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
@@ -41,16 +42,17 @@ import numpy as np
 from omegaconf import OmegaConf
 
 REPO = Path(__file__).resolve().parents[1]
-MODELS = ("alitok_b", "alitok_l", "alitok_xl", "rar_b", "rar_l", "rar_xl", "rar_xxl")
+sys.path.insert(0, str(REPO))  # run as a script from anywhere
 
-# Mirrors softcfg_patch.Guidance's defaults (tests/test_scripts.py checks they agree). Kept
-# here so that skipping a finished row does not pay for importing torch.
-GUIDANCE_DEFAULTS = {
-    "guidance_scale": 3.0, "guidance_scale_pow": 1.0, "randomize_temperature": 1.0,
-    "softcfg_strength": 0.0, "step_norm": True, "softcfg_confidence": "sampled",
-    "softcfg_align": "source", "softcfg_min_weight": 0.05, "softcfg_target": "v",
-    "top_k": 0, "top_p": 1.0, "cfg_interval": -1,
-}
+from softcfg_patch.errors import SoftCFGError  # noqa: E402
+from softcfg_patch.guidance import ALIGNMENTS, CONFIDENCES, TARGETS, Guidance  # noqa: E402
+from softcfg_patch.run import registry  # noqa: E402
+from softcfg_patch.run.config import LABELS  # noqa: E402
+from softcfg_patch.run.output import atomic_write, save_npz  # noqa: E402
+
+MODELS = tuple(registry.model_names())
+
+GUIDANCE_DEFAULTS = Guidance().to_dict()
 # Sampling options left out of a run's digest while at their defaults (names made before
 # they existed stay valid).
 SAMPLING_OFF = {"top_k": 0, "top_p": 1.0, "cfg_interval": -1}
@@ -58,18 +60,11 @@ SMOKE_LABEL = "SMOKE: tiny golden model, random reference, random Inception - NO
 SMOKE_REF_IMAGES = 8       # >= 4: the evaluator's k=3 precision/recall needs k + 1 images
 SMOKE_INCEPTION_SEED = 1234  # the recipe of tests/fixtures/inception/README.md section 2
 
-# What to download when a file is missing (the README's Checkpoints table).
-WHERE = {
-    "alitok": "Google Drive folder linked from github.com/ali-vilab/alitok (README 'Download Trained Models')",
-    "AliTok.pth": "same Google Drive folder as the AliTok generators (github.com/ali-vilab/alitok)",
-    "rar": "Hugging Face yucornetto/RAR (see bytedance/1d-tokenizer README_RAR.md)",
-    "maskgit-vqgan-imagenet-f16-256.bin": "Hugging Face fun-research/TiTok",
-    "reference": "VIRTUAL_imagenet256_labeled.npz from openai/guided-diffusion's evaluations/README.md "
-                 "(ImageNet 256x256 reference batch)",
-}
+REFERENCE_SOURCE = ("VIRTUAL_imagenet256_labeled.npz from openai/guided-diffusion's evaluations/README.md "
+                    "(ImageNet 256x256 reference batch)")
 
 
-class SettingError(Exception):
+class SettingError(SoftCFGError):
     """Bad input or a missing file; the message says how to fix it."""
 
 
@@ -102,13 +97,12 @@ def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
     p.add_argument("--order", type=int, default=0, help="position of the setting in its table")
     p.add_argument("--seed", type=int, default=0, help="sample.seed of the sampler")
     g = p.add_argument_group("guidance (default: the model config's value)")
-    for name in ("guidance_scale", "guidance_scale_pow", "randomize_temperature",
-                 "softcfg_strength", "softcfg_min_weight"):
-        g.add_argument("--" + name.replace("_", "-"), type=float, default=None)
-    g.add_argument("--step-norm", type=parse_bool, default=None, help="true or false")
-    g.add_argument("--softcfg-confidence", choices=("sampled", "max"), default=None)
-    g.add_argument("--softcfg-align", choices=("source", "token"), default=None)
-    g.add_argument("--softcfg-target", choices=("v", "k", "kv"), default=None)
+    choices = {"softcfg_confidence": CONFIDENCES, "softcfg_align": ALIGNMENTS, "softcfg_target": TARGETS}
+    for f in fields(Guidance):  # one option per Guidance setting, typed like its default
+        kind = type(f.default)
+        g.add_argument("--" + f.name.replace("_", "-"), default=None, choices=choices.get(f.name),
+                       type=parse_bool if kind is bool else None if kind is str else kind,
+                       help="true or false" if kind is bool else None)
     e = p.add_argument_group("run (default: environment variable in brackets)")
     e.add_argument("--smoke", action="store_true", default=env_flag("SMOKE"), help="[SMOKE=1]")
     e.add_argument("--num-samples", type=int, default=env("NUM_SAMPLES"), help="[NUM_SAMPLES] 50000; SMOKE 4")
@@ -126,6 +120,8 @@ def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
     e.add_argument("--evaluator", default=env("EVALUATOR", str(REPO / "evaluations" / "evaluator.py")),
                    help="[EVALUATOR] evaluator script (same CLI as evaluations/evaluator.py)")
     e.add_argument("--device", default=env("DEVICE", "auto"), help="[DEVICE] auto, cpu or cuda")
+    e.add_argument("--labels", default=env("LABELS", "balanced"), choices=LABELS,
+                   help="[LABELS] sample.labels: balanced (i mod 1000) or random (upstream LlamaGen's draws)")
     e.add_argument("--bootstrap", type=int, default=env("BOOTSTRAP", "100"),
                    help="[BOOTSTRAP] resamples for the row's bootstrap std and 95%% interval (evaluator --bootstrap)")
     e.add_argument("--wandb", action="store_true", default=env_flag("WANDB"), help="[WANDB=1] log to W&B")
@@ -145,13 +141,9 @@ def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
 
 
 # ----------------------------------------------------------------------------- settings
-def family(model: str) -> str:
-    return model.split("_")[0]
-
-
 def config_path(model: str, smoke: bool) -> Path:
     if smoke:  # the golden tiny generator + tokenizer of the same family
-        return REPO / "tests" / "configs" / f"{family(model)}_tiny.yaml"
+        return REPO / registry.get(model).smoke_config
     return REPO / "configs" / f"{model}.yaml"
 
 
@@ -187,40 +179,56 @@ def sampler_guidance(guidance: dict) -> dict:
     return {k: (GUIDANCE_DEFAULTS[k] if k in unused_guidance_keys(guidance) else v) for k, v in guidance.items()}
 
 
-def run_name(model: str, smoke: bool, guidance: dict, seed: int, num: int, batch: int) -> str:
+def run_name(model: str, smoke: bool, guidance: dict, seed: int, num: int, batch: int,
+             labels: str = "balanced") -> str:
     """Readable and unique: everything that changes the images is in the digest."""
     images_depend_on = {k: v for k, v in guidance.items()
                         if k not in unused_guidance_keys(guidance) and SAMPLING_OFF.get(k, object()) != v}
     key = json.dumps({"model": model, "smoke": smoke, "guidance": images_depend_on, "seed": seed,
-                      "num_samples": num, "per_proc_batch_size": batch}, sort_keys=True)
+                      "num_samples": num, "per_proc_batch_size": batch,
+                      **({"labels": labels} if labels != "balanced" else {})}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:10]
     return f"{'smoke_' if smoke else ''}{model}_{method_kind(guidance)}_seed{seed}_n{num}_{digest}"
 
 
 def checkpoints(config, args: argparse.Namespace) -> dict:
-    """{sampler option: absolute path} of the generator and its tokenizer."""
-    if args.smoke:  # paths of the tiny config, relative to the repository root
-        keys = ["experiment.generator_checkpoint",
-                "experiment.tokenizer_checkpoint" if family(args.model) == "alitok"
-                else "model.vq_model.pretrained_tokenizer_weight"]
-        return {k: (REPO / OmegaConf.select(config, k)).resolve() for k in keys}
-    w = Path(args.weights).resolve()
-    if family(args.model) == "alitok":
-        return {"experiment.generator_checkpoint": w / f"{args.model}.bin",
-                "experiment.tokenizer_checkpoint": w / "AliTok.pth"}
-    return {"experiment.generator_checkpoint": w / f"{args.model}.bin",
-            "model.vq_model.pretrained_tokenizer_weight": w / "maskgit-vqgan-imagenet-f16-256.bin"}
+    """{sampler option: absolute path} of the generator and its tokenizer (the registry's checkpoints)."""
+    family = registry.get(args.model)
+    if args.smoke:  # paths of the tiny config, relative to the repository root; missing ones are made
+        paths = {}
+        for item in family.checkpoints:
+            value = OmegaConf.select(config, item.key)
+            paths[item.key] = (REPO / value).resolve() if value else smoke_weights(family, item, config, args)
+        return paths
+    real = OmegaConf.load(config_path(args.model, smoke=False))  # its file names: weights/<name>
+    return {c.key: Path(args.weights).resolve() / Path(OmegaConf.select(real, c.key)).name
+            for c in family.checkpoints}
+
+
+def smoke_weights(family, item, config, args: argparse.Namespace) -> Path:
+    """Seeded random weights for a checkpoint the tiny config does not ship (LlamaGen's VQ)."""
+    if item.key not in family.smoke_weights:
+        raise SettingError(f"{family.smoke_config} sets no {item.key} and the registry entry of "
+                           f"{family.name} names no smoke_weights maker for it")
+    path = args.results / "smoke" / f"{family.name}_{item.manifest_name}_random.safetensors"
+    if not path.is_file():
+        module, _, name = family.smoke_weights[item.key].partition(":")
+        import importlib
+        state = getattr(importlib.import_module(module), name)(config)
+        from safetensors.torch import save_file
+        atomic_write(path, lambda tmp: save_file(state, str(tmp)))
+    return path
 
 
 def check_files(ckpts: dict, ref: Path, args: argparse.Namespace) -> None:
     """Fail before hours of sampling if anything the run needs is missing."""
     missing = []
-    for path in ckpts.values():
+    sources = {c.key: c.source for c in registry.get(args.model).checkpoints}
+    for key, path in ckpts.items():
         if not path.is_file():
-            source = WHERE.get(path.name) or WHERE[family(args.model)]
-            missing.append(f"  {path}  <- {source}")
+            missing.append(f"  {path}  <- {sources[key]}")
     if not ref.is_file():
-        missing.append(f"  {ref}  <- {WHERE['reference']}")
+        missing.append(f"  {ref}  <- {REFERENCE_SOURCE}")
     if args.inception_weights and not Path(args.inception_weights).is_file():
         missing.append(f"  {args.inception_weights}  <- pt_inception-2015-12-05-6726825d.pth (pytorch-fid "
                        f"release 'fid_weights'); or unset INCEPTION to use the evaluator's search")
@@ -235,20 +243,11 @@ def check_files(ckpts: dict, ref: Path, args: argparse.Namespace) -> None:
         except ImportError as err:
             raise SettingError("WANDB=1 but wandb is not installed: pip install wandb") from err
     if args.inception_weights is None and not args.smoke:
-        sys.path.insert(0, str(REPO))
         from evaluations.inception import find_weights  # the evaluator's own search, no download
         find_weights(None)  # raises FileNotFoundError with download instructions
 
 
 # ----------------------------------------------------------------------------- smoke inputs
-def atomic_write(path: Path, write) -> None:
-    """The samplers' write-then-rename, creating the folder first."""
-    sys.path.insert(0, str(REPO))
-    from softcfg_patch.imagenet import atomic_write as write_then_rename
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_then_rename(path, write)
-
-
 def write_json(path: Path, data: dict) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n"))
 
@@ -257,42 +256,19 @@ def smoke_reference(path: Path) -> Path:
     """Random uint8 images from a fixed seed: an ImageNet stand-in no one can mistake for one."""
     if not path.is_file():
         images = np.random.default_rng(0).integers(0, 256, (SMOKE_REF_IMAGES, 256, 256, 3), dtype=np.uint8)
-        atomic_write(path, lambda tmp: np.savez(open(tmp, "wb"), images))
+        save_npz(path, images)
     return path
 
 
 def smoke_inception(path: Path) -> Path:
-    """A seeded random FID Inception network (recipe: tests/fixtures/inception/README.md section 2).
+    """A seeded random FID Inception network (evaluations.inception.random_weights): the
+    metrics are finite but meaningless."""
+    if not path.is_file():
+        from safetensors.torch import save_file
 
-    He-normal convs keep activations well scaled, so the metrics are finite but meaningless.
-    """
-    if path.is_file():
-        return path
-    import math
-
-    import torch
-    from safetensors.torch import save_file
-    sys.path.insert(0, str(REPO))
-    from evaluations.inception import FIDInception
-    shapes = {k: v.shape for k, v in FIDInception(weights=None).state_dict().items()
-              if not k.endswith("num_batches_tracked")}  # the loader fills the BN counters in
-    gen, state = torch.Generator().manual_seed(SMOKE_INCEPTION_SEED), {}
-    for key in sorted(shapes):
-        shape = shapes[key]
-        if key.endswith("bn.running_var"):
-            r = torch.rand(shape, generator=gen, dtype=torch.float64) + 0.5
-        else:
-            r = torch.randn(shape, generator=gen, dtype=torch.float64)
-            if key.endswith("conv.weight"):
-                r = r * math.sqrt(2.0 / (shape[1] * shape[2] * shape[3]))
-            elif key == "fc.weight":
-                r = r * math.sqrt(1.0 / 2048)
-            elif key.endswith("bn.weight"):
-                r = r * 0.1 + 1.0
-            else:
-                r = r * 0.1
-        state[key] = r.to(torch.float32)
-    atomic_write(path, lambda tmp: save_file(state, str(tmp)))
+        from evaluations.inception import random_weights
+        state = random_weights(SMOKE_INCEPTION_SEED)
+        atomic_write(path, lambda tmp: save_file(state, str(tmp)))
     return path
 
 
@@ -344,7 +320,7 @@ def sample(args, config_file: Path, ckpts: dict, guidance: dict, batch: int, out
     if npz_count(npz) == args.num_samples and meta_path.is_file():
         print(f"samples: reusing {npz}", flush=True)
         return {**json.loads(meta_path.read_text()), "reused": True}
-    script = REPO / family(args.model) / "sample_imagenet.py"
+    script = REPO / registry.get(args.model).script
     launcher = [sys.executable]
     if args.nproc > 1:
         launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}"]
@@ -355,6 +331,8 @@ def sample(args, config_file: Path, ckpts: dict, guidance: dict, batch: int, out
             f"--sample.per_proc_batch_size={batch}"]
     if args.device != "auto":
         cmd += [f"--sample.device={args.device}"]
+    if args.labels != "balanced":
+        cmd += [f"--sample.labels={args.labels}"]
     if args.wandb:
         cmd += ["--wandb.enabled=True", f"--wandb.name={run}"]
     wall = run_command(cmd, "sampling", child_env)
@@ -407,7 +385,7 @@ def make_row(args, run: str, guidance: dict, batch: int, config_file: Path, ckpt
         "run": run, "table": args.table, "order": args.order,
         "model": args.model, "method": args.method, "kind": method_kind(guidance),
         "smoke": args.smoke, "label": SMOKE_LABEL if args.smoke else "",
-        "guidance": guidance, "seed": args.seed, "num_samples": args.num_samples,
+        "guidance": guidance, "seed": args.seed, "num_samples": args.num_samples, "labels": args.labels,
         "per_proc_batch_size": batch, "nproc": args.nproc,
         "metrics": {m: float(ev[m]) for m in METRICS},
         "bootstrap": ev.get("bootstrap"),  # per metric {value, std, ci_low, ci_high}
@@ -459,7 +437,7 @@ def main(argv: Optional[list] = None) -> int:
     # SMOKE swaps the networks, not the settings: guidance comes from the real model's config.
     guidance = effective_guidance(OmegaConf.load(config_path(args.model, smoke=False)), args)
     batch = int(args.batch or (4 if args.smoke else config.sample.per_proc_batch_size))
-    run = run_name(args.model, args.smoke, guidance, args.seed, args.num_samples, batch)
+    run = run_name(args.model, args.smoke, guidance, args.seed, args.num_samples, batch, args.labels)
     row_path = args.results / args.table / "rows" / f"{run}.json"
     tag = f"[{args.table}] {args.model} {args.method} seed {args.seed}" + (" (SMOKE)" if args.smoke else "")
     if row_path.is_file():
@@ -512,6 +490,6 @@ def main(argv: Optional[list] = None) -> int:
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except (SettingError, FileNotFoundError) as err:
+    except (SoftCFGError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -7,11 +7,13 @@
 source "$(dirname "$0")/common.sh"
 [[ $# -eq 0 ]] || usage_error "usage: [MODEL=... SCALES=\"...\" POWS=\"...\"] scripts/sweep.sh"
 MODEL="${MODEL:-alitok_xl}"
-case "$MODEL" in
-  alitok_*) SCALES="${SCALES:-7 9 11 13}"; POWS="${POWS:-1.4 1.5}" ;;  # around the known optima (9/1.5, 13/1.4)
-  rar_*)    SCALES="${SCALES:-4.5 6.5 8.5}"; POWS="${POWS:-1.01 1.5}" ;;  # around RAR-L SoftCFG's 6.5/1.01
-  *) usage_error "MODEL must be alitok_{b,l,xl} or rar_{b,l,xl,xxl}, got '$MODEL'" ;;
-esac
+# The default grid of each model family is in its registry entry (softcfg_patch/run/registry.py).
+grid="$(cd "$REPO" && "$PYTHON" -c 'import sys; from softcfg_patch.run import registry as r
+m = sys.argv[1]
+if m not in r.model_names(): sys.exit("MODEL must be one of " + " ".join(r.model_names()) + f", got {m!r}")
+print("\n".join(r.get(m).sweep_grid))' "$MODEL")" || exit 2
+SCALES="${SCALES:-$(sed -n 1p <<< "$grid")}"
+POWS="${POWS:-$(sed -n 2p <<< "$grid")}"
 table="sweep_$MODEL"
 
 for method in CFG SoftCFG; do

@@ -32,6 +32,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # run as a plain script from a checkout
     sys.path.insert(0, str(REPO_ROOT))
 
+from softcfg_patch.errors import SoftCFGError, exit_on_error  # noqa: E402
+
 HUB_ID = "BAAI/Emu3-Gen-hf"
 POSITIVE_SUFFIX = " masterpiece, film grained, best quality."
 NEGATIVE_PROMPT = ("lowres, bad anatomy, bad hands, text, error, missing fingers, extra digit, "
@@ -141,7 +143,7 @@ def tiny_emu3(seed: int = 0):
 
 
 MISSING_MODEL = (
-    "error: no Emu3 model folder at {model!r} (this script never downloads).\n"
+    "no Emu3 model folder at {model!r} (this script never downloads).\n"
     "On a machine with internet run:\n"
     "    huggingface-cli download {hub} --local-dir Emu3-Gen-hf\n"
     "(about 35 GB; or `hf download {hub}`), copy the folder here and pass --model /path/to/Emu3-Gen-hf"
@@ -149,19 +151,19 @@ MISSING_MODEL = (
 
 
 def load(args, device: str, dtype):
-    """Emu3-Gen and the request for --prompt from a local folder; SystemExit with a how-to if absent."""
+    """Emu3-Gen and the request for --prompt from a local folder; SoftCFGError with a how-to if absent."""
     import torch
     from transformers import Emu3ForConditionalGeneration, Emu3Processor
 
     if not Path(args.model).is_dir():
-        raise SystemExit(MISSING_MODEL.format(model=args.model, hub=HUB_ID))
+        raise SoftCFGError(MISSING_MODEL.format(model=args.model, hub=HUB_ID))
     try:
         processor = Emu3Processor.from_pretrained(args.model, local_files_only=True)
         model = Emu3ForConditionalGeneration.from_pretrained(args.model, local_files_only=True,
                                                              dtype=dtype)
     except (OSError, ValueError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else ""
-        raise SystemExit(MISSING_MODEL.format(model=args.model, hub=HUB_ID)
+        raise SoftCFGError(MISSING_MODEL.format(model=args.model, hub=HUB_ID)
                          + f"\n({type(exc).__name__}: {reason})") from None
     processor.tokenizer.padding_side = "left"  # generate appends at the end of every row
     kwargs = dict(return_for_image_generation=True, ratio=args.ratio, image_area=args.image_area,
@@ -251,7 +253,7 @@ def run(args: argparse.Namespace) -> dict:
         import softcfg_patch.hf  # noqa: F401  (needs the optional transformers extra)
         guidance_for(args, top_k=args.top_k)  # validate the settings before loading anything
     except (ImportError, ValueError) as exc:
-        raise SystemExit(f"error: {exc}") from None
+        raise SoftCFGError(str(exc)) from None
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
              "auto": torch.bfloat16 if device.startswith("cuda") else torch.float32}[args.dtype]
@@ -290,6 +292,7 @@ def strip(images, gap: int = 8):
     return Image.fromarray(np.concatenate(parts, axis=1))
 
 
+@exit_on_error()  # bad input: `error: ...` on stderr, exit status 2
 def main(argv: list[str] | None = None) -> int:
     run(parse_args(argv))
     return 0

@@ -23,9 +23,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # run as a plain script from a checkout
     sys.path.insert(0, str(REPO_ROOT))
 
+from softcfg_patch.errors import SoftCFGError, exit_on_error  # noqa: E402
+
 HUB_ID = "deepseek-community/Janus-Pro-1B"
 MISSING_MODEL = (
-    "error: no Janus model found at {model!r} (looked for a local folder, then the Hugging Face "
+    "no Janus model found at {model!r} (looked for a local folder, then the Hugging Face "
     "cache; this script never downloads).\n"
     "On a machine with internet run:\n"
     "    huggingface-cli download {hub}\n"
@@ -57,18 +59,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def load(model: str, device: str, dtype):
-    """Model and processor from a local path or the HF cache; SystemExit with a how-to if absent."""
+    """Model and processor from a local path or the HF cache; SoftCFGError with a how-to if absent."""
     from transformers import JanusForConditionalGeneration, JanusProcessor
 
     if not Path(model).is_dir() and "/" not in model and not model.startswith("."):
-        raise SystemExit(MISSING_MODEL.format(model=model, hub=HUB_ID))
+        raise SoftCFGError(MISSING_MODEL.format(model=model, hub=HUB_ID))
     try:
         processor = JanusProcessor.from_pretrained(model, local_files_only=True)
         net = JanusForConditionalGeneration.from_pretrained(model, local_files_only=True,
                                                             dtype=dtype)
     except (OSError, ValueError) as exc:  # not a folder and not in the cache
         reason = str(exc).splitlines()[0] if str(exc) else ""
-        raise SystemExit(MISSING_MODEL.format(model=model, hub=HUB_ID)
+        raise SoftCFGError(MISSING_MODEL.format(model=model, hub=HUB_ID)
                          + f"\n({type(exc).__name__}: {reason})") from None
     return net.to(device).eval(), processor
 
@@ -108,6 +110,7 @@ def side_by_side(images, gap: int = 8):
     return canvas
 
 
+@exit_on_error()  # bad input: `error: ...` on stderr, exit status 2
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
@@ -117,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import softcfg_patch.hf  # noqa: F401  (needs the optional transformers extra)
     except ImportError as exc:
-        raise SystemExit(f"error: {exc}") from None
+        raise SoftCFGError(str(exc)) from None
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
@@ -129,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
                       softcfg_target=args.softcfg_target)
         cfg, soft = Guidance(**common), Guidance(softcfg_strength=args.softcfg_strength, **common)
     except ValueError as exc:
-        raise SystemExit(f"error: {exc}") from None
+        raise SoftCFGError(str(exc)) from None
     model, processor = load(args.model, device, dtype)
     input_ids, attention_mask = encode_prompt(processor, args.prompt, device)
     left = render(model, input_ids, attention_mask, cfg, args.seed, args.cache)[0]

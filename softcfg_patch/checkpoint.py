@@ -1,47 +1,70 @@
-"""Safe checkpoint reading with errors that tell the user what to do.
+"""The one checkpoint loader for generators, tokenizers and Inception networks.
 
-Only tensors are ever deserialised: safetensors files, or `torch.load(weights_only=True)`
-for the .bin/.pth/.pt files the upstream projects publish.
+Only tensors are ever deserialised: safetensors files, or `torch.load(weights_only=True,
+mmap=True)` for the .bin/.pth/.pt files the upstream projects publish. A model is built
+on the meta device (no random init of a 1-3B network that the file overwrites) and
+loaded with `load_state_dict(assign=True)`, so the weights are never held twice.
 """
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 
-class CheckpointError(ValueError):
-    """A checkpoint file that exists but cannot be used; the message says why and what to do."""
+from .errors import CheckpointError, MissingFileError
 
+__all__ = ["CheckpointError", "read_state_dict", "check_state_dict", "load_model", "load_checkpoint",
+           "looks_like_html", "html_message"]
 
-# Wrappers some training scripts put around the state dict.
+# Wrappers some training scripts put around the state dict (DDP "model", DeepSpeed "module", ...).
 _WRAPPER_KEYS = ("state_dict", "model", "model_state", "module", "generator", "ema")
+# Prefixes of saved wrapped modules: DistributedDataParallel, torch.compile.
+_PREFIXES = ("module.", "_orig_mod.")
+# Plain containers training scripts save beside the weights (LlamaGen's DDP files keep their
+# argparse args); weights_only loading may rebuild these, nothing else.
+_SAFE_CONTAINERS = [argparse.Namespace]
 
 
-def read_state_dict(path: str | Path, *, what: str, source: str) -> dict[str, torch.Tensor]:
-    """Read a checkpoint file into a flat {name: tensor} dict (on CPU).
+def read_state_dict(path: str | Path, *, what: str, source: str,
+                    error: type[CheckpointError] = CheckpointError) -> dict[str, torch.Tensor]:
+    """Read a checkpoint file into a flat {name: tensor} dict (CPU, memory-mapped where possible).
 
     what:   a human name of the model, e.g. "AliTok-XL generator".
     source: where the official file is published, quoted in every error.
+    error:  the CheckpointError subclass to raise (e.g. the evaluator's InceptionWeightsError).
+    Every error is one line: what was wrong, and where to get a good file.
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{what} checkpoint not found: '{path}'. Download the official file from {source} "
             f"and pass its path (nothing is downloaded automatically).")
     if looks_like_html(path):
-        raise CheckpointError(html_message(path, what, source))
+        raise error(html_message(path, what, source))
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-            state = load_file(str(path), device="cpu")
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # corrupt, truncated, or not a tensor checkpoint at all
-        raise CheckpointError(
-            f"could not read {what} checkpoint '{path}' ({type(err).__name__}: {err}). The file is "
-            f"truncated, corrupt or not a PyTorch/safetensors checkpoint; download it again from "
-            f"{source}.") from err
-    return _unwrap(state, path, what)
+        state = _load_file(path)
+    except Exception as err:  # corrupt, truncated, pickled objects, or not a checkpoint at all
+        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+        raise error(
+            f"could not read {what} checkpoint '{path}' ({type(err).__name__}{': ' + reason if reason else ''}; "
+            f"only tensors are loaded, with weights_only=True): the file is truncated, corrupt, not a "
+            f"PyTorch/safetensors checkpoint, or holds pickled objects; download it again from {source}") from err
+    return _unwrap(state, path, what, source, error)
+
+
+def _load_file(path: Path):
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        return load_file(str(path), device="cpu")
+    with torch.serialization.safe_globals(_SAFE_CONTAINERS):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as err:  # files in the legacy (pre-zip) format cannot be mapped
+            if "mmap" not in str(err):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def looks_like_html(path: str | Path) -> bool:
@@ -62,30 +85,25 @@ def html_message(path: str | Path, what: str, source: str) -> str:
             f"link (from {source}) and save the file itself")
 
 
-def _unwrap(state, path: Path, what: str) -> dict[str, torch.Tensor]:
+def _unwrap(state, path: Path, what: str, source: str, error: type[CheckpointError]) -> dict[str, torch.Tensor]:
     while isinstance(state, dict) and not any(torch.is_tensor(v) for v in state.values()):
         inner = next((state[k] for k in _WRAPPER_KEYS if isinstance(state.get(k), dict)), None)
         if inner is None:
             break
         state = inner
-    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-        raise CheckpointError(f"'{path}' does not hold a {what} state dict (found {type(state).__name__})")
-    if all(k.startswith("module.") for k in state):  # saved from DistributedDataParallel
-        state = {k[len("module."):]: v for k, v in state.items()}
+    if not isinstance(state, dict) or not state or not all(torch.is_tensor(v) for v in state.values()):
+        raise error(f"'{path}' does not hold a {what} state dict (found {type(state).__name__}); "
+                              f"expected a state dict of tensors, raw or under \"model\", \"module\" or "
+                              f"\"state_dict\", as in the files from {source}")
+    for prefix in _PREFIXES:
+        if all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
     return state
 
 
-def load_checkpoint(module: torch.nn.Module, path: str | Path, *, what: str, source: str,
-                    architecture: str = "") -> torch.nn.Module:
-    """Strictly load `path` into `module`, explaining any key or shape mismatch."""
-    state = read_state_dict(path, what=what, source=source)
-    check_state_dict(module, state, path=path, what=what, source=source, architecture=architecture)
-    module.load_state_dict(state, strict=True)
-    return module
-
-
 def check_state_dict(module: torch.nn.Module, state: dict, *, path, what: str, source: str,
-                     architecture: str = "") -> None:
+                     architecture: str = "", error: type[CheckpointError] = CheckpointError) -> None:
+    """CheckpointError listing missing, unexpected and mis-shaped keys (first five of each)."""
     expected = module.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -101,4 +119,38 @@ def check_state_dict(module: torch.nn.Module, state: dict, *, path, what: str, s
             lines.append(f"  {title}: {shown}")
     lines.append(f"Check that the config matches the checkpoint (model size), or get the official "
                  f"file from {source}.")
-    raise CheckpointError("\n".join(lines))
+    raise error("\n".join(lines))
+
+
+def load_model(build: Callable[[], torch.nn.Module], path: str | Path, *, what: str, source: str,
+               architecture: Optional[str] = None,
+               state: Optional[dict[str, torch.Tensor]] = None) -> torch.nn.Module:
+    """Build `build()` on the meta device and strictly load `path` (or an already read `state`) into it.
+
+    Floating tensors take the model's dtype (float32 parameters from a bf16 file); a module
+    whose non-persistent buffers are computed rather than loaded (rotary tables) gets them
+    back from its `init_buffers(device)`. Returns the model on CPU, eval mode, no grads.
+    """
+    if state is None:
+        state = read_state_dict(path, what=what, source=source)  # fails fast, before building
+    with torch.device("meta"):
+        model = build()
+    check_state_dict(model, state, path=path, what=what, source=source,
+                     architecture=architecture if architecture is not None else getattr(model, "architecture", ""))
+    expected = model.state_dict()
+    state = {k: v.to(expected[k].dtype) if v.is_floating_point() else v for k, v in state.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    if any(b.is_meta for b in model.buffers()):
+        if not hasattr(model, "init_buffers"):
+            raise TypeError(f"{type(model).__name__} has computed buffers: give it init_buffers(device)")
+        model.init_buffers("cpu")
+    return model.eval().requires_grad_(False)
+
+
+def load_checkpoint(module: torch.nn.Module, path: str | Path, *, what: str, source: str,
+                    architecture: str = "") -> torch.nn.Module:
+    """Strictly load `path` into an already built `module` (tests and small models)."""
+    state = read_state_dict(path, what=what, source=source)
+    check_state_dict(module, state, path=path, what=what, source=source, architecture=architecture)
+    module.load_state_dict(state, strict=True)
+    return module

@@ -244,14 +244,14 @@ def test_damaged_cache_is_recomputed_and_rewritten(weights, batches, recorder, c
 
 
 def test_sampler_npz_write_removes_a_killed_runs_temporary(tmp_path):
-    from softcfg_patch.imagenet import atomic_write
+    from softcfg_patch.run.output import atomic_write, save_npz
     npz = tmp_path / "run.npz"
     stale = _leftover(npz, _dead_pid())  # what kill -9 during the npz write leaves
     png = tmp_path / "000001.png"
     stale_png = _leftover(png, _dead_pid())
     atomic_write(png, lambda tmp: tmp.write_bytes(b"png"))
     assert stale.exists() and stale_png.exists()  # PNG writes do not scan the folder (50k of them)
-    atomic_write(npz, lambda tmp: np.savez(open(tmp, "wb"), np.zeros(3)))
+    save_npz(npz, np.zeros(3))
     assert not stale.exists() and npz.is_file()
 
 

@@ -282,10 +282,10 @@ def test_t2i_emu3_tiny_end_to_end(tmp_path):
 def test_t2i_emu3_needs_a_local_model(tmp_path, capsys):
     with pytest.raises(SystemExit) as missing:
         t2i_emu3.main(["--model", str(tmp_path / "nope"), "--out", str(tmp_path / "x.png")])
-    assert "huggingface-cli download BAAI/Emu3-Gen-hf" in str(missing.value.code)
+    assert missing.value.code == 2 and "huggingface-cli download BAAI/Emu3-Gen-hf" in capsys.readouterr().err
     with pytest.raises(SystemExit) as bad:
         t2i_emu3.main(["--tiny", "--softcfg-strength", "-1"])
-    assert str(bad.value.code).startswith("error: softcfg_strength")
+    assert bad.value.code == 2 and capsys.readouterr().err.startswith("error: softcfg_strength")
     assert not list(tmp_path.iterdir())
 
 

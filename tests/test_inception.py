@@ -2,7 +2,6 @@
 0.4.0 on seeded recipe weights): key layout, strict loading, pre-processing, golden features."""
 from __future__ import annotations
 
-import argparse
 import copy
 import hashlib
 import json
@@ -122,12 +121,17 @@ def test_loading_rejects_wrong_files(recipe, tmp_path):
     with pytest.raises(InceptionWeightsError, match=r"shape mismatches: fc\.weight: file \(1000, 2048\)"):
         I.load_state_dict_strict(model, {**recipe, "fc.weight": torch.zeros(1000, 2048)})
     (tmp_path / "html.pth").write_text("<html>404</html>")  # a failed download
-    with pytest.raises(InceptionWeightsError, match="could not read") as err:
+    with pytest.raises(InceptionWeightsError, match="it looks like an HTML page") as err:
         FIDInception(weights=tmp_path / "html.pth")
     assert "html.pth" in str(err.value) and "pt_inception-2015-12-05-6726825d.pth" in str(err.value)
-    torch.save({"fc.weight": torch.zeros(2), "args": argparse.Namespace(lr=1)}, tmp_path / "code.pth")
+    torch.save({"fc.weight": torch.zeros(2), "obj": _Evil()}, tmp_path / "code.pth")
     with pytest.raises(InceptionWeightsError, match="could not read"):  # weights_only refuses arbitrary objects
         FIDInception(weights=tmp_path / "code.pth")
+
+
+class _Evil:
+    def __reduce__(self):
+        return (print, ("should never run",))
 
 
 def test_missing_weights_names_the_published_file(tmp_path, monkeypatch):

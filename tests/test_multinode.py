@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 import softcfg_patch as sp
-from softcfg_patch import imagenet
+from softcfg_patch.run import runner
 from conftest import ROOT
 
 
@@ -43,6 +43,6 @@ def test_two_nodes_on_localhost_match_one_process(tmp_path):
     model.load_state_dict(load_file(ROOT / config.experiment.generator_checkpoint))
     g = sp.Guidance(guidance_scale=3.0, guidance_scale_pow=1.0, softcfg_strength=1.0)
     for k in (0, 1):  # batch k ran on node k; one process draws it from the same seed
-        gen = torch.Generator().manual_seed(imagenet.batch_seed(0, k))
+        gen = torch.Generator().manual_seed(runner.batch_seed(0, k))
         one = sp.generate(model, torch.tensor([2 * k, 2 * k + 1]), g, generator=gen)
         assert np.array_equal(tokens[2 * k:2 * k + 2], one.numpy())

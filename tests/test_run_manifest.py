@@ -11,29 +11,33 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
 from conftest import ROOT, FIXTURES
-from softcfg_patch import imagenet
-from softcfg_patch import manifest as mf
+from softcfg_patch.errors import ConfigError
+from softcfg_patch.guidance import Guidance
+from softcfg_patch.run import config as run_config
+from softcfg_patch.run import manifest as mf
+from softcfg_patch.run import output, registry, runner
 from softcfg_patch.checkpoint import CheckpointError, read_state_dict
 
+ALITOK = registry.get("alitok")
+
 sys.path.insert(0, str(ROOT / "tests"))
-from test_sample_cli import (SCRIPT, TINY, alitok_entry, assert_close_images, assert_same_samples,  # noqa: E402
+from test_sample_cli import (SCRIPT, TINY, assert_close_images, assert_same_samples,  # noqa: E402
                              free_port, read_outputs, single_run)  # noqa: F401  (single_run: fixture)
 
 GEN = FIXTURES / "alitok_ar_tiny_weights.safetensors"
 SAME = ("--sample.num_fid_samples=5", "--sample.save_tokens=True", "--model.generator.softcfg_strength=1")
 
 
-def sample(capsys, *args, build_generator=None):
+def sample(capsys, *args):
     """alitok/sample_imagenet.py's main in this process: (exit code, stdout, stderr)."""
     code = 0
     try:
-        imagenet.main(["--config", TINY, *args], alitok_entry.DEFAULTS,
-                      build_generator or alitok_entry.build_generator, alitok_entry.build_decoder,
-                      inputs=alitok_entry.INPUTS, check_config=alitok_entry.check_config)
+        runner.main(["--config", TINY, *args], ALITOK)
     except SystemExit as stop:
         code = stop.code
     captured = capsys.readouterr()
@@ -90,9 +94,9 @@ def test_partial_last_batch_and_file_identity(tmp_path):
 
 
 def tiny_manifest(*args):
-    config = imagenet.parse_cli(["--config", TINY, *args], alitok_entry.DEFAULTS)
-    imagenet.check_inputs(config, alitok_entry.INPUTS, want_decoder=True)
-    return imagenet.run_manifest(config, alitok_entry.INPUTS, True, imagenet.torch.device("cpu"))
+    config = run_config.parse_cli(["--config", TINY, *args], "alitok")
+    runner.check_inputs(config, ALITOK.checkpoints, want_decoder=True)
+    return runner.run_manifest(config, ALITOK.checkpoints, True, torch.device("cpu"))
 
 
 def test_checkpoints_are_identified_by_content_not_path(tmp_path):
@@ -108,7 +112,7 @@ def test_checkpoints_are_identified_by_content_not_path(tmp_path):
     assert mf.verdict(base, other) == "differ"
     assert "generator.sha256" in mf.describe_differences(base, other)
     keys = set(base["images"])  # the contract with evaluations/compare.py
-    assert {f"model.generator.{k}" for k in imagenet.Guidance().to_dict()} <= keys
+    assert {f"model.generator.{k}" for k in Guidance().to_dict()} <= keys
     assert {"sample.seed", "sample.per_proc_batch_size", "sample.num_fid_samples", "sample.precision",
             "generator.sha256", "generator.size", "tokenizer.sha256", "tokenizer.size", "softcfg.version"} <= keys
     assert base["format"] == 1 and {"torch", "cuda", "gpu", "created", "generator.path"} <= set(base["recorded"])
@@ -118,19 +122,19 @@ def test_folder_with_samples_but_no_manifest_is_refused(tmp_path):
     out = tmp_path / "old"
     out.mkdir()
     (out / "000000.png").write_bytes(b"x")
-    with pytest.raises(imagenet.ConfigError, match="no manifest.*sample.overwrite=True"):
-        imagenet.prepare_output(out, manifest_with(), overwrite=False)
+    with pytest.raises(ConfigError, match="no manifest.*sample.overwrite=True"):
+        output.prepare_output(out, manifest_with(), overwrite=False)
     assert (out / "000000.png").read_bytes() == b"x"
-    imagenet.prepare_output(out, manifest_with(), overwrite=True)
+    output.prepare_output(out, manifest_with(), overwrite=True)
     assert [p.name for p in out.iterdir()] == ["manifest.json"]
 
 
 def test_npz_step_refuses_a_manifest_changed_by_another_run(tmp_path):
-    written, _ = imagenet.prepare_output(tmp_path, manifest_with(), overwrite=False)
-    assert json.loads(imagenet.check_manifest_unchanged(tmp_path, written)) == written
-    imagenet.prepare_output(tmp_path, manifest_with(**{"sample.seed": 7}), overwrite=True)
-    with pytest.raises(imagenet.ConfigError, match="another run changed.*sample.seed 7 -> 0"):
-        imagenet.check_manifest_unchanged(tmp_path, written)
+    written, _ = output.prepare_output(tmp_path, manifest_with(), overwrite=False)
+    assert json.loads(output.check_manifest_unchanged(tmp_path, written)) == written
+    output.prepare_output(tmp_path, manifest_with(**{"sample.seed": 7}), overwrite=True)
+    with pytest.raises(ConfigError, match="another run changed.*sample.seed 7 -> 0"):
+        output.check_manifest_unchanged(tmp_path, written)
 
 
 # ----------------------------------------------------------------- resume decisions
@@ -191,7 +195,7 @@ def test_bad_options_exit_2_in_one_line(args, message, capsys):
 
 def test_no_config_exits_2_saying_it_is_required(capsys):
     with pytest.raises(SystemExit) as stop:
-        imagenet.main([], alitok_entry.DEFAULTS, alitok_entry.build_generator, prog="alitok/sample_imagenet.py")
+        runner.main([], "alitok")
     err = capsys.readouterr().err
     assert stop.value.code == 2 and err.startswith("error: --config is required") and err.count("\n") == 1
 
@@ -203,28 +207,18 @@ def test_no_config_exits_2_saying_it_is_required(capsys):
                                       "use alitok/sample_imagenet.py"),
 ])
 def test_a_config_of_the_other_family_is_named(config, entry, message):
-    sys.path.insert(0, str(ROOT / entry))
-    check = alitok_entry.check_config if entry == "alitok" else _rar_entry().check_config
-    with pytest.raises(imagenet.ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        imagenet.parse_cli(["--config", config], alitok_entry.DEFAULTS, check_config=check)
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        run_config.parse_cli(["--config", config], entry)
 
 
-def _rar_entry():
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("rar_sample_imagenet", ROOT / "rar" / "sample_imagenet.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_every_missing_or_bad_input_is_listed_before_any_model_is_built(tmp_path, capsys):
+def test_every_missing_or_bad_input_is_listed_before_any_model_is_built(tmp_path, capsys, monkeypatch):
     html = tmp_path / "alitok_xl.bin"
     html.write_text("\n<!DOCTYPE html>\n<html><head><title>Google Drive - Virus scan warning</title>")
     built = []
+    monkeypatch.setattr("alitok.model.load_generator", lambda *args: built.append(1))
     code, _, err = sample(capsys, f"--experiment.output_dir={tmp_path / 'o'}",
                           f"--experiment.generator_checkpoint={html}",
-                          "--experiment.tokenizer_checkpoint=weights/nope.pth",
-                          build_generator=lambda config, device: built.append(1))
+                          "--experiment.tokenizer_checkpoint=weights/nope.pth")
     assert code == 2 and not built and err.count("\n") == 1 and not (tmp_path / "o").exists()
     assert "2 input file problem(s)" in err
     assert "is not a checkpoint: it looks like an HTML page; use the direct download link" in err
@@ -236,12 +230,12 @@ def test_every_missing_or_bad_input_is_listed_before_any_model_is_built(tmp_path
 
 def test_checkpoint_paths_resolve_like_config_from_the_repository_root(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    config = imagenet.parse_cli(["--config", TINY], alitok_entry.DEFAULTS)
-    imagenet.check_inputs(config, alitok_entry.INPUTS, want_decoder=True)
+    config = run_config.parse_cli(["--config", TINY], "alitok")
+    runner.check_inputs(config, ALITOK.checkpoints, want_decoder=True)
     assert config.experiment.generator_checkpoint == str(GEN)
-    with pytest.raises(imagenet.ConfigError, match=f"tried {tmp_path}/w.bin, {ROOT}/w.bin"):
-        imagenet.check_inputs(OmegaConf.merge(config, {"experiment": {"generator_checkpoint": "w.bin"}}),
-                              alitok_entry.INPUTS, want_decoder=False)
+    with pytest.raises(ConfigError, match=f"tried {tmp_path}/w.bin, {ROOT}/w.bin"):
+        runner.check_inputs(OmegaConf.merge(config, {"experiment": {"generator_checkpoint": "w.bin"}}),
+                              ALITOK.checkpoints, want_decoder=False)
 
 
 def test_output_dir_that_is_a_file_is_refused(tmp_path, capsys):
@@ -251,28 +245,29 @@ def test_output_dir_that_is_a_file_is_refused(tmp_path, capsys):
 
 
 def test_threads_split_the_cores_between_local_processes():
-    assert imagenet.threads_per_process({"OMP_NUM_THREADS": "3"}, 16) is None
-    assert imagenet.threads_per_process({"LOCAL_WORLD_SIZE": "4"}, 16) == 4
-    assert imagenet.threads_per_process({"LOCAL_WORLD_SIZE": "4"}, 2) == 1
-    assert imagenet.threads_per_process({}, 2) == 2
+    assert runner.threads_per_process({"OMP_NUM_THREADS": "3"}, 16) is None
+    assert runner.threads_per_process({"LOCAL_WORLD_SIZE": "4"}, 16) == 4
+    assert runner.threads_per_process({"LOCAL_WORLD_SIZE": "4"}, 2) == 1
+    assert runner.threads_per_process({}, 2) == 2
 
 
 def test_seed_1e3_is_the_number_1000_and_help_describes_every_option(tmp_path):
-    parse = lambda *a: imagenet.parse_cli(["--config", TINY, *a], alitok_entry.DEFAULTS)  # noqa: E731
+    parse = lambda *a: run_config.parse_cli(["--config", TINY, *a], "alitok")  # noqa: E731
     assert parse("--sample.seed=1e3").sample.seed == 1000
     assert type(parse("--sample.seed=1e3").sample.seed) is int
     (tmp_path / "c.yaml").write_text((ROOT / TINY).read_text().replace("seed: 0", "seed: 1e3"))
-    assert imagenet.parse_cli(["--config", str(tmp_path / "c.yaml")], alitok_entry.DEFAULTS).sample.seed == 1000
-    with pytest.raises(imagenet.ConfigError, match="whole number"):
+    assert run_config.parse_cli(["--config", str(tmp_path / "c.yaml")], "alitok").sample.seed == 1000
+    with pytest.raises(ConfigError, match="whole number"):
         parse("--sample.seed=1.5e0")
     for name in ("alitok_b", "alitok_xl", "rar_l", "rar_xxl"):
-        config = imagenet.OmegaConf.merge(imagenet.OmegaConf.create(alitok_entry.DEFAULTS),
-                                          imagenet.drop_training_only(imagenet.load_yaml(f"configs/{name}.yaml")))
-        text = imagenet.help_text(config, "x", name)
+        family = registry.get(name)
+        cls = run_config.schema(family)
+        config = run_config.merge_file(OmegaConf.structured(cls), family, f"configs/{name}.yaml")
+        text = run_config.help_text(config, cls, "x", name)
         options = [line for line in text.splitlines() if line.startswith("  --")]
         assert len(options) > 30 and all(len(line.split(None, 1)) == 2 for line in options)
         assert "(no description)" not in text and "--config is required" in text
-        assert not any(key in text for key in imagenet.TRAINING_ONLY)
+        assert not any(key in text for key in run_config.TRAINING_ONLY)
 
 
 # ----------------------------------------------------------- subprocess-only behaviours

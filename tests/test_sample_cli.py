@@ -16,13 +16,13 @@ import torch
 from PIL import Image
 
 import softcfg_patch as sp
-from softcfg_patch import imagenet
+from softcfg_patch.errors import ConfigError
+from softcfg_patch.run import config as run_config
+from softcfg_patch.run import output, runner
 from conftest import ROOT
 
 SCRIPT = ROOT / "alitok" / "sample_imagenet.py"
 TINY = "tests/configs/alitok_tiny.yaml"
-sys.path.insert(0, str(ROOT / "alitok"))
-import sample_imagenet as alitok_entry  # noqa: E402
 
 
 def run_cli(*args, cwd=ROOT, check=True, nproc=1, timeout=300):
@@ -45,7 +45,7 @@ def free_port() -> int:
 
 
 def parse(*args):
-    return imagenet.parse_cli(list(args), alitok_entry.DEFAULTS)
+    return run_config.parse_cli(list(args), "alitok")
 
 
 def read_outputs(out):
@@ -100,7 +100,7 @@ def test_relative_config_resolves_from_repo_root_and_help_lists_defaults():
     ("--sample.precision=fp8", "fp32, tf32, bf16"),
 ])
 def test_bad_options_are_rejected_with_a_reason(arg, match):
-    with pytest.raises(imagenet.ConfigError, match=match):
+    with pytest.raises(ConfigError, match=match):
         parse("--config", TINY, arg)
 
 
@@ -129,7 +129,7 @@ def test_outputs_are_pngs_npz_and_tokens_from_the_documented_seeds(single_run, t
         assert np.array_equal(np.asarray(Image.open(single_run / f"{i:06d}.png")), images[i])
     # Batch k (size 2) is sample.seed-and-k seeded: recompute batch 1 independently.
     g = sp.Guidance(guidance_scale=3.0, guidance_scale_pow=1.0, softcfg_strength=1.0)
-    gen = torch.Generator().manual_seed(imagenet.batch_seed(0, 1))
+    gen = torch.Generator().manual_seed(runner.batch_seed(0, 1))
     expected = sp.generate(tiny_alitok, torch.tensor([2, 3]), g, generator=gen)
     assert np.array_equal(tokens[2:4], expected.numpy())
     from alitok.tokenizer import load_tokenizer, to_uint8_hwc
@@ -201,8 +201,8 @@ def test_npz_streaming_writer_is_readable_by_numpy(tmp_path):
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
     for i, im in enumerate(images):
-        imagenet.save_png(imagenet.png_path(tmp_path, i), im)
-    path = imagenet.write_npz_from_pngs(tmp_path, 3, tmp_path / "x.npz")
+        output.save_png(output.png_path(tmp_path, i), im)
+    path = output.write_npz_from_pngs(tmp_path, 3, tmp_path / "x.npz")
     with np.load(path) as npz:
         assert np.array_equal(npz["arr_0"], images)
     assert not list(tmp_path.glob(".*tmp"))
@@ -228,5 +228,5 @@ def test_rar_sampler_end_to_end_under_torchrun(tmp_path):
     model = RAR(OmegaConf.load(ROOT / "tests/configs/rar_tiny.yaml")).eval()
     model.load_state_dict(load_file(ROOT / "tests/fixtures/rar_tiny_weights.safetensors"))
     g = sp.Guidance(guidance_scale=3.0, guidance_scale_pow=1.0, softcfg_strength=1.0)
-    gen = torch.Generator().manual_seed(imagenet.batch_seed(0, 1))  # batch 1 ran on rank 1
+    gen = torch.Generator().manual_seed(runner.batch_seed(0, 1))  # batch 1 ran on rank 1
     assert np.array_equal(tokens[2:], sp.generate(model, torch.tensor([2]), g, generator=gen).numpy())

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from softcfg_patch.errors import SoftCFGError
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "scripts"
 sys.path.insert(0, str(SCRIPTS))
@@ -122,9 +124,9 @@ def test_collect_results_labels_smoke_and_rejects_broken_rows(tmp_path):
     assert list(csv.DictReader(open(tmp_path / "out.csv")))[0]["note"] == "SMOKE - NOT a real FID"
 
     (folder / "rows" / "bad.json").write_text(json.dumps({"model": "rar_l"}))
-    with pytest.raises(SystemExit, match="bad.json lacks"):
+    with pytest.raises(SoftCFGError, match="bad.json lacks"):
         collect_results.load_rows([folder])
-    with pytest.raises(SystemExit, match="not a folder"):
+    with pytest.raises(SoftCFGError, match="not a folder"):
         collect_results.load_rows([tmp_path / "missing"])
 
 
@@ -146,7 +148,7 @@ def paired_rows(folder: Path) -> list:
     return rows
 
 
-def test_collect_results_paired_deltas_and_noise_floor(tmp_path):
+def test_collect_results_paired_deltas_and_noise_floor(tmp_path, capsys):
     folder = tmp_path / "t"
     rows = paired_rows(folder)
     rows.append(synthetic_row("alitok_xl", "SoftCFG", 2, 1.2, 300.0, order=2, guidance_scale=9.0,
@@ -166,8 +168,9 @@ def test_collect_results_paired_deltas_and_noise_floor(tmp_path):
     assert math.isclose(float(table["SoftCFG"]["delta_fid_std"]), math.sqrt(0.01 ** 2 + 0.02 ** 2) / 2)
     assert table["CFG"]["delta_fid_mean"] == "" and math.isclose(float(table["CFG"]["fid_boot_std"]), 0.03)
     # the pair cache was used: the samples do not exist, so computing a comparison would have failed
-    with pytest.raises(SystemExit, match="no rows with method 'DDPM'"):
+    with pytest.raises(SystemExit) as stop:
         collect_results.main([str(folder), "--baseline", "DDPM"])
+    assert stop.value.code == 2 and "no rows with method 'DDPM'" in capsys.readouterr().err
 
 
 def test_best_setting_and_search_summary(tmp_path, capsys):

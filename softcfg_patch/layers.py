@@ -1,0 +1,63 @@
+"""Building blocks shared by several model families (not part of the method).
+
+A family package imports these instead of another family's files, so no family
+depends on another: RMSNorm, interleaved rotary embeddings with a 2-D grid table, and
+the decoder-output -> uint8 image conversion.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+class RMSNorm(nn.Module):
+    """Normalised in float32 and cast back before the weight, as the references do."""
+
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def rotary_table(head_dim: int, prefix_len: int = 17, grid_size: int = 16,
+                 base: float = 10000.0) -> torch.Tensor:
+    """(cos, sin) per dimension pair for every position, [1 + prefix_len + grid_size**2, head_dim/2, 2].
+
+    Row 0 (the class condition) is all zeros, so its q and k vanish after rotation.
+    Rows 1..prefix_len: 1-D RoPE at positions 0..prefix_len-1. Then the grid in raster
+    order: the first half of the pairs rotate with the row index, the second half with
+    the column index, both offset by prefix_len.
+    """
+    half = head_dim // 2
+    freqs_1d = 1.0 / (base ** (torch.arange(0, head_dim, 2)[:half].float() / head_dim))
+    angles_1d = torch.outer(torch.arange(prefix_len).float(), freqs_1d)
+
+    freqs_2d = 1.0 / (base ** (torch.arange(0, half, 2)[:half // 2].float() / half))
+    axis = torch.outer(torch.arange(prefix_len, prefix_len + grid_size).float(), freqs_2d)
+    angles_2d = torch.cat([axis[:, None, :].expand(-1, grid_size, -1),
+                           axis[None, :, :].expand(grid_size, -1, -1)], dim=-1).flatten(0, 1)
+
+    angles = torch.cat([angles_1d, angles_2d])
+    table = torch.stack([torch.cos(angles), torch.sin(angles)], dim=-1)
+    return torch.cat([torch.zeros(1, half, 2), table])
+
+
+def apply_rotary(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x[2i], x[2i+1]) of x [B, H, T, D] by table [T, D/2, 2], in float32."""
+    pairs = x.float().unflatten(-1, (-1, 2))
+    cos, sin = table[..., 0], table[..., 1]
+    a, b = pairs[..., 0], pairs[..., 1]
+    return torch.stack([a * cos - b * sin, b * cos + a * sin], dim=-1).flatten(-2).type_as(x)
+
+
+def to_uint8_hwc(images: torch.Tensor, scale: float = 255.0, offset: float = 0.0) -> torch.Tensor:
+    """[B, 3, H, W] float -> [B, H, W, 3] uint8: clamp(scale * x + offset, 0, 255), truncated.
+
+    The defaults map [0, 1] (AliTok, RAR: clamp, x255, truncate); LlamaGen's [-1, 1] rule
+    is scale 127.5, offset 128. float32 first: x * 255 in bf16 would land on the wrong integer.
+    """
+    return (scale * images.float() + offset).clamp(0.0, 255.0).permute(0, 2, 3, 1).to(torch.uint8)

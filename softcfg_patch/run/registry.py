@@ -1,0 +1,193 @@
+"""The model registry, in the spirit of DiT's `DiT_models`: one entry per model family.
+
+An entry says everything the sampling runner, the table scripts, the benchmark and the
+smoke tests need to know about a family, and names its code by lazy import paths
+("package.module:function"), so nothing here imports a model family:
+
+    configs/<name>_<size>.yaml     its configs (`sizes`, smallest first, rank table rows)
+    <name>/sample_imagenet.py      its entry point: `run.main(sys.argv[1:], "<name>")`
+    load_generator(config, path)   -> a softcfg_patch.GuidedModel with the file's weights
+    image_decoder(config, path, device) -> function: tokens [B, N] -> uint8 images [B, H, W, 3]
+
+Adding a family = its package, its configs, one `register(ModelFamily(...))` call here
+(or in the family's own code, before `run.main`), and its tests (docs/adding_a_model.md).
+This module is plain Python (no torch), so scripts can read it cheaply.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+MISSING = "???"  # OmegaConf's marker of a required value
+
+
+@dataclass(frozen=True)
+class Option:
+    """One config key of a family's schema: its type, default and --help line."""
+    type: Any
+    default: Any = MISSING
+    help: str = ""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A weights file the run reads, named by the config key that holds its path."""
+    key: str                    # e.g. "experiment.generator_checkpoint"
+    what: str                   # e.g. "AliTok generator checkpoint"
+    source: str                 # where the official files are published (quoted in every error)
+    decoder_only: bool = False  # not needed with sample.tokens_only
+    manifest_name: str = "generator"  # its identity in the run manifest: <name>.sha256, <name>.size
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    name: str                   # "alitok": configs/alitok_<size>.yaml, alitok/sample_imagenet.py
+    title: str                  # "AliTok", in messages
+    sizes: tuple                # config suffixes, smallest first ("b", "l", "xl")
+    generator_class: str        # "alitok.model:ARModel", built as Class(config) (benchmarks: random weights)
+    load_generator: str         # "alitok.model:load_generator"
+    image_decoder: str          # "alitok.tokenizer:image_decoder"
+    generator: dict             # architecture keys of model.generator: {name: Option}
+    vq_model: dict              # keys of model.vq_model: {name: Option}
+    checkpoints: tuple          # Checkpoint entries, the generator's first
+    batch_size: int             # upstream's per-GPU batch (sample.per_proc_batch_size default)
+    smoke_config: str           # tiny config (tests/configs/...) for SMOKE runs and CI
+    example_config: str         # shown in messages, e.g. configs/alitok_xl.yaml
+    sample: dict = field(default_factory=dict)   # family-only sample.* keys: {name: Option}
+    tokenizer_sizes: bool = True  # model.tokenizer may override the decoder's sizes
+    # Checkpoints the smoke config does not ship: {config key: "module:function"}, function(config)
+    # -> a seeded random state dict (SMOKE runs only; their metrics are meaningless anyway).
+    smoke_weights: dict = field(default_factory=dict)
+    # scripts/sweep.sh's default grid around the known optima: (scales, schedule powers)
+    sweep_grid: tuple = ("", "")
+    # Published FIDs (upstream README, CFG at the upstream setting) by config name, for the tables.
+    reference_fid: dict = field(default_factory=dict)
+
+    def resolve(self, what: str) -> Callable:
+        """The object named by `generator_class` / `load_generator` / `image_decoder` ("module:attribute")."""
+        module, _, attribute = getattr(self, what).partition(":")
+        return getattr(importlib.import_module(module), attribute)
+
+    def config_name(self, size: str) -> str:
+        return f"{self.name}_{size}"
+
+    @property
+    def script(self) -> str:
+        return f"{self.name}/sample_imagenet.py"
+
+
+MODELS: dict[str, ModelFamily] = {}
+
+
+def register(family: ModelFamily) -> ModelFamily:
+    MODELS[family.name] = family
+    return family
+
+
+def get(name: str) -> ModelFamily:
+    """The family of `name`, a family ("rar") or a config name ("rar_xl", "llamagen_b_256")."""
+    for family in sorted(MODELS.values(), key=lambda f: -len(f.name)):
+        if name == family.name or name.startswith(family.name + "_"):
+            return family
+    raise KeyError(f"unknown model '{name}'; known families: {', '.join(MODELS)}")
+
+
+def model_names() -> list[str]:
+    """Every config name of every family (alitok_b, ..., llamagen_3b), in registry and size order."""
+    return [f.config_name(size) for f in MODELS.values() for size in f.sizes]
+
+
+def size_rank(model: str) -> tuple:
+    """Sort key of a config name: family in registry order, then its size (unknown last)."""
+    try:
+        family = get(model)
+    except KeyError:
+        return (len(MODELS), 0, model)
+    size = model[len(family.name) + 1:]
+    return (list(MODELS).index(family.name), family.sizes.index(size) if size in family.sizes else 99, model)
+
+
+def _arch(help: str, type=int, default: Any = MISSING) -> Option:
+    return Option(type, default, f"architecture: {help} (must match the checkpoint)")
+
+
+CODEBOOK = Option(int, MISSING, "codebook size V of the generator and its tokenizer")
+TOKEN_SIZE = Option(Optional[int], None, "code vector width of the tokenizer (null: the published one)")
+LATENT = Option(Optional[int], None, "tokens per image of the tokenizer (must equal image_seq_len)")
+CLASSES = Option(int, 1000, "number of classes")
+ALITOK_RAR_GENERATOR = {
+    "hidden_size": _arch("width"), "num_hidden_layers": _arch("number of blocks"),
+    "num_attention_heads": _arch("attention heads"), "image_seq_len": _arch("tokens per image"),
+    "condition_num_classes": CLASSES,
+}
+
+register(ModelFamily(
+    name="alitok", title="AliTok", sizes=("b", "l", "xl"),
+    generator_class="alitok.model:ARModel", load_generator="alitok.model:load_generator", image_decoder="alitok.tokenizer:image_decoder",
+    generator={**ALITOK_RAR_GENERATOR,
+               "rope_prefix_len": _arch("leading 1-D rotary positions", default=17),
+               "rope_grid_size": _arch("side of the 2-D rotary grid", default=16)},
+    vq_model={"codebook_size": CODEBOOK, "token_size": TOKEN_SIZE, "num_latent_tokens": LATENT},
+    checkpoints=(
+        Checkpoint("experiment.generator_checkpoint", "AliTok generator checkpoint",
+                   "the AliTok release (github.com/ali-vilab/alitok, README 'Download Trained Models': "
+                   "alitok_b.bin, alitok_l.bin, alitok_xl.bin)"),
+        Checkpoint("experiment.tokenizer_checkpoint", "AliTok tokenizer checkpoint",
+                   "the AliTok release (github.com/ali-vilab/alitok, README 'Download Trained Models': "
+                   "AliTok.pth)", decoder_only=True, manifest_name="tokenizer")),
+    batch_size=125, smoke_config="tests/configs/alitok_tiny.yaml", example_config="configs/alitok_xl.yaml",
+    sweep_grid=("7 9 11 13", "1.4 1.5"),  # around the known optima (9/1.5, 13/1.4)
+))
+
+register(ModelFamily(
+    name="rar", title="RAR", sizes=("b", "l", "xl", "xxl"),
+    generator_class="rar.model:RAR", load_generator="rar.model:load_generator", image_decoder="rar.vqgan:image_decoder",
+    generator={**ALITOK_RAR_GENERATOR, "intermediate_size": _arch("MLP width")},
+    vq_model={"codebook_size": CODEBOOK, "token_size": TOKEN_SIZE, "num_latent_tokens": LATENT,
+              "pretrained_tokenizer_weight": Option(str, MISSING, "MaskGIT-VQGAN weights (RAR's tokenizer); "
+                                                                  "looked up like the generator")},
+    checkpoints=(
+        Checkpoint("experiment.generator_checkpoint", "RAR generator checkpoint",
+                   "Hugging Face yucornetto/RAR (rar_b.bin, rar_l.bin, rar_xl.bin, rar_xxl.bin; see "
+                   "bytedance/1d-tokenizer README_RAR.md)"),
+        Checkpoint("model.vq_model.pretrained_tokenizer_weight", "MaskGIT-VQGAN checkpoint",
+                   "Hugging Face fun-research/TiTok (maskgit-vqgan-imagenet-f16-256.bin)",
+                   decoder_only=True, manifest_name="tokenizer")),
+    batch_size=50, smoke_config="tests/configs/rar_tiny.yaml", example_config="configs/rar_xl.yaml",
+    sweep_grid=("4.5 6.5 8.5", "1.01 1.5"),  # around RAR-L SoftCFG's 6.5/1.01
+))
+
+LLAMAGEN_HF = "the LlamaGen Hugging Face repo https://huggingface.co/FoundationVision/LlamaGen"
+register(ModelFamily(
+    name="llamagen", title="LlamaGen", sizes=("b_256", "b", "l_256", "l", "xl", "xxl", "3b"),
+    generator_class="llamagen.model:GPT", load_generator="llamagen.model:load_gpt", image_decoder="llamagen.vq:image_decoder",
+    generator={
+        "dim": _arch("width"), "n_layer": _arch("number of blocks"), "n_head": _arch("attention heads"),
+        "n_kv_head": _arch("key/value heads (null = n_head)", Optional[int], None),
+        "vocab_size": _arch("codebook size V"), "block_size": _arch("image tokens ((resolution / 16)^2)"),
+        "num_classes": CLASSES, "cls_token_num": _arch("class tokens", default=1),
+        "multiple_of": _arch("MLP width rounding", default=256),
+        "ffn_dim_multiplier": _arch("MLP width multiplier", Optional[float], None),
+        "rope_base": _arch("rotary base", float, 10000.0), "norm_eps": _arch("RMSNorm epsilon", float, 1e-5),
+        "class_dropout_prob": _arch("> 0: the class table has the 'no class' row CFG needs", float, 0.1)},
+    vq_model={"codebook_size": Option(int, 16384, "architecture of VQ-16: codebook size"),
+              "codebook_embed_dim": Option(int, 8, "architecture of VQ-16: code width"),
+              "encoder_ch_mult": Option(list, (1, 1, 2, 2, 4), "architecture of VQ-16: encoder channels"),
+              "decoder_ch_mult": Option(list, (1, 1, 2, 2, 4), "architecture of VQ-16: decoder channels"),
+              "z_channels": Option(int, 256, "architecture of VQ-16: latent channels")},
+    checkpoints=(
+        Checkpoint("experiment.generator_checkpoint", "LlamaGen GPT checkpoint",
+                   f"{LLAMAGEN_HF} (c2i_B_256.pt, c2i_B_384.pt, c2i_L_256.pt, c2i_L_384.pt, c2i_XL_384.pt, "
+                   f"c2i_XXL_384.pt, c2i_3B_384.pt)"),
+        Checkpoint("experiment.tokenizer_checkpoint", "LlamaGen VQ-16 checkpoint",
+                   f"{LLAMAGEN_HF} (vq_ds16_c2i.pt)", decoder_only=True, manifest_name="tokenizer")),
+    batch_size=32, smoke_config="tests/configs/llamagen_tiny.yaml", example_config="configs/llamagen_xl.yaml",
+    sweep_grid=("1.5 1.75 2.0 2.5", "0"),  # constant scales around upstream's 1.65-2.0
+    sample={"image_size_eval": Option(int, 256, "side of the saved images: decoded at the model's resolution, "
+                                                "then resized (bicubic), as upstream")},
+    tokenizer_sizes=False, smoke_weights={"experiment.tokenizer_checkpoint": "llamagen.vq:random_weights"},
+    reference_fid={"llamagen_b_256": 5.46, "llamagen_l": 3.07, "llamagen_xl": 2.62, "llamagen_xxl": 2.34,
+                   "llamagen_3b": 2.18},
+))
+
