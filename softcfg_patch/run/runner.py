@@ -127,6 +127,8 @@ def runtime(config: DictConfig) -> Iterator[tuple[int, int, torch.device]]:
     try:
         with tf32(config.sample.precision in ("tf32", "bf16")):
             yield rank, world, device
+        if started:
+            barrier()  # nobody tears down while a peer still talks to it (gloo aborts the process)
     finally:
         if started and dist.is_initialized():
             dist.destroy_process_group()
