@@ -143,6 +143,9 @@ def main() -> None:
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--no-compile", action="store_true", help="skip the compiled paths")
     parser.add_argument("--no-profile", action="store_true", help="skip the per-op profile")
+    parser.add_argument("--freezing", action="store_true",
+                        help="inductor freezing for the compiled paths (weights folded as constants, "
+                             "prepacked for the CPU GEMMs)")
     parser.add_argument("--hidden-size", type=int, default=None, help="override width (overhead study)")
     parser.add_argument("--layers", type=int, default=None, help="override depth (overhead study)")
     parser.add_argument("--upstream-alitok", default=None, help="path to a local ali-vilab/alitok checkout")
@@ -150,6 +153,9 @@ def main() -> None:
     args = parser.parse_args()
 
     device = torch.device(args.device)
+    if args.freezing:
+        from torch._inductor import config as inductor_config
+        inductor_config.freezing = True
     family = registry.get(args.model).name
     config = load_config(args)
     model = build(family, config, device, args.steps)

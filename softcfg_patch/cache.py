@@ -73,9 +73,11 @@ class StaticKVCache:
     def __init__(self, num_layers: int, batch_size: int, num_heads: int, max_len: int,
                  head_dim: int, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32) -> None:
-        shape = (num_layers, batch_size, num_heads, max_len, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        # One tensor per layer, not views of one: a compiled step then updates each in
+        # place (a write into a view of one big input would copy the whole cache per layer).
+        shape = (batch_size, num_heads, max_len, head_dim)
+        self.layer_keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+        self.layer_values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
         self.max_len = max_len
         self.pos = 0
         # Per-sequence values a model computes in prefill() and reuses in decode()
@@ -86,20 +88,32 @@ class StaticKVCache:
         self.position: Optional[torch.Tensor] = None  # fixed-shape mode: the decoded position
         self.key_positions: Optional[torch.Tensor] = None
 
+    @property
+    def k(self) -> torch.Tensor:
+        """All stored keys, [layers, rows, heads, max_len, head_dim] (a copy, for inspection)."""
+        return torch.stack(self.layer_keys)
+
+    @property
+    def v(self) -> torch.Tensor:
+        """All stored values, [layers, rows, heads, max_len, head_dim] (a copy, for inspection)."""
+        return torch.stack(self.layer_values)
+
     def enable_multipliers(self, target: str = "v") -> MultiplierTable:
         """Allocate the (all ones) multiplier table; `target` is "v", "k" or "kv"."""
-        self.multipliers = MultiplierTable(self.k.shape[1], self.max_len, target, self.k.device)
+        first = self.layer_keys[0]
+        self.multipliers = MultiplierTable(first.shape[0], self.max_len, target, first.device)
         return self.multipliers
 
     def use_fixed_shape(self) -> None:
         """Decode through `position` (a 0-d long tensor the driver fills) with full-cache masks."""
-        self.position = torch.zeros((), dtype=torch.long, device=self.k.device)
-        self.key_positions = torch.arange(self.max_len, device=self.k.device)
+        device = self.layer_keys[0].device
+        self.position = torch.zeros((), dtype=torch.long, device=device)
+        self.key_positions = torch.arange(self.max_len, device=device)
 
     def reset(self) -> None:
         """Reuse for a new batch of the same shape: nothing of the old one can leak in."""
-        self.k.zero_()
-        self.v.zero_()
+        for t in (*self.layer_keys, *self.layer_values):
+            t.zero_()
         self.pos = 0
         self.state.clear()
         if self.multipliers is not None:
@@ -121,9 +135,9 @@ class StaticKVCache:
         if end > self.max_len:
             raise RuntimeError(f"KV cache overflow: writing position {end - 1} into a cache of "
                                f"{self.max_len} positions")
-        self.k[layer, :, :, start:end] = k
-        self.v[layer, :, :, start:end] = v
-        keys, values = self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        self.layer_keys[layer][:, :, start:end] = k
+        self.layer_values[layer][:, :, start:end] = v
+        keys, values = self.layer_keys[layer][:, :, :end], self.layer_values[layer][:, :, :end]
         if T == 1 and self.multipliers is not None:
             return self._attend_weighted(q, keys, values, self.multipliers.values[:, None, None, :end])
         mask = None
@@ -133,12 +147,13 @@ class StaticKVCache:
 
     def _attend_fixed(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """One query at `position` over the whole cache; later positions are masked out."""
+        keys, values = self.layer_keys[layer], self.layer_values[layer]
         index = self.position.view(1)
-        self.k[layer].index_copy_(2, index, k.to(self.k.dtype))  # cast as the sliced write does
-        self.v[layer].index_copy_(2, index, v.to(self.v.dtype))
+        keys[:, :, index] = k.to(keys.dtype)  # an in-place index_put_; cast as the sliced write
+        values[:, :, index] = v.to(values.dtype)
         visible = (self.key_positions <= self.position)[None, None, None, :]
         weights = None if self.multipliers is None else self.multipliers.values[:, None, None, :]
-        return self._attend_weighted(q, self.k[layer], self.v[layer], weights, visible)
+        return self._attend_weighted(q, keys, values, weights, visible)
 
     def _attend_weighted(self, q, keys, values, weights, visible=None):
         scores = (q @ keys.transpose(-1, -2)) * self.scale

@@ -204,7 +204,7 @@ def _workspace(model, guidance: Guidance, batch: int, rows: int, cfg: bool, devi
     cache.use_fixed_shape()
     step_tensor = torch.zeros((), dtype=torch.long, device=device)
     if device.type == "cuda":  # CUDA graphs replay on fixed addresses
-        for t in (cache.k, cache.v, cache.position, cache.key_positions, state.history,
+        for t in (*cache.layer_keys, *cache.layer_values, cache.position, cache.key_positions, state.history,
                   state.schedule.scales, state.schedule.guided, step_tensor,
                   *([cache.multipliers.values] if softcfg else [])):
             torch._dynamo.mark_static_address(t)

@@ -136,7 +136,7 @@ def test_bf16_keeps_cache_bf16_and_multipliers_float32(tiny_alitok):
         tokens = sp.generate(tiny_alitok, labels, g, generator=torch.Generator().manual_seed(0),
                              compile="aot_eager")
     cache, state = next(c for k, c in _WORKSPACES[tiny_alitok].items() if k[-1] == torch.bfloat16)[:2]
-    assert cache.k.dtype == cache.v.dtype == torch.bfloat16
+    assert all(t.dtype == torch.bfloat16 for t in cache.layer_keys + cache.layer_values)
     assert cache.multipliers.values.dtype == state.history.dtype == torch.float32
     assert (cache.multipliers.values[2:, 1:] < 1).any()  # SoftCFG acted in bf16 too
     assert tokens.shape == (2, 273) and 0 <= tokens.min() and tokens.max() < tiny_alitok.vocab_size
