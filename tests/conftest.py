@@ -14,6 +14,16 @@ sys.path.insert(0, str(ROOT))
 torch.set_num_threads(2)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny-model tests (`pytestmark = pytest.mark.usefixtures
+    ("one_thread")`): tiny matmuls are far faster without 2-core hand-offs on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_alitok():
     """The golden tiny AliTok AR model (hidden 64, 2 layers, V=64), eval mode."""

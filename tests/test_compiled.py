@@ -25,13 +25,7 @@ RAR_GEN = load_golden("rar_tiny_generate.safetensors")
 RAR_LABELS = load_golden("rar_tiny_io.safetensors")["labels"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny models: one thread is far faster than 2-core hand-offs on a busy machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -16,14 +16,8 @@ from demo import digits, run
 from evaluations.metrics import frechet_distance, statistics
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The weights were trained and the reference run recorded with one thread (and the
-    tiny model is fastest that way on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# The weights were trained and the reference run recorded with one thread.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -33,13 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 VOCAB = 64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny matmuls are far faster on one thread than with 2-core thread hand-offs
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_lm(kind: str = "llama", attn: str = "sdpa", seed: int = 0):
