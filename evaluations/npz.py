@@ -20,6 +20,7 @@ from typing import Iterator
 import numpy as np
 
 from softcfg_patch.errors import SoftCFGError
+from softcfg_patch.run.manifest import file_identity
 
 IMAGES_KEY = "arr_0"
 STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
@@ -218,10 +219,6 @@ def _hash_and_crc(path: Path, spans: list, inflaters: list, crcs: list, h, chunk
     return crcs
 
 
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
+def file_sha256(path: str | os.PathLike) -> str:
     """SHA-256 of a file's bytes, read in 16 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+    return file_identity(path)["sha256"]

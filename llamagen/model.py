@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from softcfg_patch.cache import StaticKVCache, causal_attention
+from softcfg_patch.step import at_step
 # The same arithmetic as AliTok's (a grid with no 1-D prefix and one all-zero condition row).
 from softcfg_patch.layers import RMSNorm, apply_rotary, rotary_table
 from softcfg_patch.checkpoint import CheckpointError, load_model, read_state_dict
@@ -166,11 +167,9 @@ class GPT(nn.Module):
 
     def decode(self, tokens: torch.Tensor, step: int | torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
         # x_{step-1} sits at sequence position `step` (position 0 is the class); `step` is an
-        # int or a 0-d LongTensor. index_select, not rope[step]: torch.compile specialises a
-        # 0-d tensor used as a Python index on its value and would recompile every step.
-        position = torch.as_tensor(step, device=self.rope.device).reshape(1)
+        # int or a 0-d LongTensor, read with at_step (a gather for a tensor: no recompiles).
         x = self.tok_embeddings(tokens)[:, None]
-        return self._run(x, self.rope.index_select(0, position), cache)[:, -1]
+        return self._run(x, at_step(self.rope, step), cache)[:, -1]
 
     # -- full pass -----------------------------------------------------------------------
     def forward(self, tokens: torch.Tensor, condition_ids: torch.Tensor) -> torch.Tensor:

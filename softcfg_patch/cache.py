@@ -28,7 +28,8 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
-TARGETS = ("v", "k", "kv")
+from .guidance import TARGETS
+
 Rows = Union[torch.Tensor, slice, Sequence[int]]
 
 

@@ -274,11 +274,13 @@ class SoftCFGSampler:
         self.step = t + 1
         if g.uses_softcfg:
             record_confidence(self.confidences, t, cond, token, g)
-            self.structural[:, t] = torch.isin(token, self.structural_ids)
+            if self.structural_ids.numel():  # else no isin and no host sync per step
+                self.structural[:, t] = torch.isin(token, self.structural_ids)
         if self.on_step is not None:
             self.on_step(t, cond, uncond, guided, token, self.cache)
         if g.uses_softcfg:
-            weights = position_weights(self.confidences[:, :t + 1], g, self.structural[:, :t + 1])
+            structural = self.structural[:, :t + 1] if self.structural_ids.numel() else None
+            weights = position_weights(self.confidences[:, :t + 1], g, structural)
             self.cache.set_multipliers(self.uncond_rows, self.prompt_length, weights)
         return token
 

@@ -31,7 +31,6 @@ from transformers.generation.logits_process import (
 )
 
 from .guidance import Guidance
-from .hf import SoftCFGCache, _forward
 from .step import (Schedule, StepHook, cfg_enabled, mix, position_weights, softcfg_enabled,
                    token_confidence)
 
@@ -94,7 +93,7 @@ class SoftCFGUnbatchedLogitsProcessor(LogitsProcessor):
         self.unconditional_ids = unconditional_ids
         self.unconditional_attention_mask = unconditional_attention_mask
         self.use_cache = use_cache
-        self.cache = SoftCFGCache(guidance.softcfg_target, enabled=self.softcfg) if use_cache else None
+        self.cache = hf.SoftCFGCache(guidance.softcfg_target, enabled=self.softcfg) if use_cache else None
         self.structural_ids = torch.as_tensor(sorted(set(int(i) for i in structural_token_ids or ())),
                                               dtype=torch.long)
         self.on_step = on_step
@@ -113,6 +112,8 @@ class SoftCFGUnbatchedLogitsProcessor(LogitsProcessor):
         if t == 0:
             _check_generate_settings(self, input_ids.shape[0])
             self._cond_length = input_ids.shape[1]
+            self.schedule = Schedule(self.guidance, self.schedule.scales.numel(), scores.device)
+            self.structural_ids = self.structural_ids.to(scores.device)
         elif input_ids.shape[1] != self._cond_length + t:
             raise RuntimeError("a SoftCFGUnbatchedLogitsProcessor serves one generate call (it holds "
                                "that call's unconditional cache); build a new one for each call")
@@ -140,7 +141,7 @@ class SoftCFGUnbatchedLogitsProcessor(LogitsProcessor):
         g = self.guidance
         self.confidences.append(token_confidence(self._last_scores, previous_token,
                                                  g.randomize_temperature, g.softcfg_confidence))
-        self._structural.append(torch.isin(previous_token, self.structural_ids.to(previous_token.device)))
+        self._structural.append(torch.isin(previous_token, self.structural_ids))
         weights = position_weights(torch.stack(self.confidences, 1), g, torch.stack(self._structural, 1))
         self.cache.set_multipliers(torch.arange(weights.shape[0]), self._prompt_length, weights)
 
@@ -165,7 +166,7 @@ class SoftCFGUnbatchedLogitsProcessor(LogitsProcessor):
             # with a cache only x_{t-1} goes in; without, the whole sequence again
             self._ids = new if self.use_cache else torch.cat([self._ids, new], dim=1)
         if self.use_cache:
-            return _forward(self.model, self._ids, self._mask,
+            return hf._forward(self.model, self._ids, self._mask,
                             self._positions[:, -self._ids.shape[1]:], self.cache)
         out = self.model(input_ids=self._ids, attention_mask=self._mask,
                          position_ids=self._positions, use_cache=False)
@@ -247,3 +248,8 @@ def _generate_locals(max_depth: int = 8):
         return None, None
     finally:
         del frame
+
+
+# Imported last: softcfg_patch.hf re-exports this module's processor from its own last line,
+# so either module may be imported first.
+from . import hf  # noqa: E402
