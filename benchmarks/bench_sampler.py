@@ -13,7 +13,12 @@ median of per-repeat ratios, so slow drift of a shared machine cancels. Paths:
                                     before timing (fixed-shape step, inductor; CUDA graphs on GPU)
     upstream_cfg                    upstream generate() on the same weights, labels, settings,
                                     from a local checkout (--upstream-alitok: ali-vilab/alitok,
-                                    --upstream-rar: bytedance/1d-tokenizer); never vendored here
+                                    --upstream-rar: bytedance/1d-tokenizer); never vendored here;
+                                    float32 as upstream ships it
+    upstream_cfg_autocast           (--precision bf16) the same under bf16 autocast, for reference
+
+`--precision bf16` runs ours as `sample.precision=bf16` does: linear weights stored in bf16
+and autocast (fast on CPUs with AVX512-BF16/AMX and on GPUs; float32 stays the default).
 
 `--steps N` decodes only the first N image tokens in every path (quick runs; per-step
 costs and ratios stay comparable). A per-op profile of one eager and one compiled
@@ -27,6 +32,7 @@ import sys
 import time
 import types
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -36,6 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import softcfg_patch as sp  # noqa: E402
+from softcfg_patch.precision import store_linear_weights  # noqa: E402
 from softcfg_patch.run import registry  # noqa: E402
 
 MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear",
@@ -163,18 +170,25 @@ def main() -> None:
     settings = {"cfg": sp.Guidance(guidance_scale=9.0, guidance_scale_pow=1.5),
                 "softcfg": sp.Guidance(guidance_scale=9.0, guidance_scale_pow=1.5,
                                        softcfg_strength=1.0, step_norm=True)}
-    runners = {f"eager_{n}": (lambda g=g: sp.generate(model, labels, g)) for n, g in settings.items()}
-    if not args.no_compile:
-        runners.update({f"compiled_{n}": (lambda g=g: sp.generate(model, labels, g, compile=True))
-                        for n, g in settings.items()})
+    bf16 = args.precision == "bf16"
     upstream_path = args.upstream_alitok if family == "alitok" else args.upstream_rar
-    if upstream_path:
+    runners = {}
+    if upstream_path:  # float32 weights, as upstream ships; under autocast too when ours runs bf16
         upstream = upstream_generate(family, upstream_path, config, model.state_dict(), device, args.steps)
-        runners["upstream_cfg"] = lambda: upstream(labels, settings["cfg"])
+        runners["upstream_cfg"] = in_precision(False, device, lambda: upstream(labels, settings["cfg"]))
+        if bf16:
+            runners["upstream_cfg_autocast"] = in_precision(True, device, lambda: upstream(labels, settings["cfg"]))
+    if bf16:  # what sample.precision=bf16 does: linear weights stored in bf16, autocast
+        store_linear_weights(model, torch.bfloat16)
+    runners.update({f"eager_{n}": in_precision(bf16, device, lambda g=g: sp.generate(model, labels, g))
+                    for n, g in settings.items()})
+    if not args.no_compile:
+        runners.update({f"compiled_{n}": in_precision(bf16, device,
+                                                      lambda g=g: sp.generate(model, labels, g, compile=True))
+                        for n, g in settings.items()})
 
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
     times = {name: [] for name in runners}
-    with torch.no_grad(), autocast:
+    with torch.no_grad():
         for name, fn in runners.items():  # warm-up (and the one compile per path)
             print(f"  warm-up: {name} {timed(fn, device):.3f} s", flush=True)
         for r in range(args.repeats):
@@ -188,6 +202,14 @@ def main() -> None:
                 if name in runners:
                     shares[name] = profile_share(runners[name])
     report(args, model, times, shares)
+
+
+def in_precision(bf16: bool, device: torch.device, fn: Callable[[], object]) -> Callable[[], object]:
+    """fn under bf16 autocast (or plain float32)."""
+    def run():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            return fn()
+    return run
 
 
 def report(args, model, times: dict, shares: dict) -> None:
@@ -206,6 +228,8 @@ def report(args, model, times: dict, shares: dict) -> None:
             ("compiled_softcfg", "compiled_cfg", "SoftCFG / CFG time, compiled", "<= 1.02"),
             ("upstream_cfg", "eager_cfg", "speed-up of ours eager over upstream (CFG)", ">= 1.0"),
             ("upstream_cfg", "compiled_cfg", "speed-up of ours compiled over upstream (CFG)", ">= 1.5"),
+            ("upstream_cfg_autocast", "eager_cfg", "ours eager over upstream under autocast (CFG)", ""),
+            ("upstream_cfg_autocast", "compiled_cfg", "ours compiled over upstream under autocast (CFG)", ""),
             ("eager_cfg", "compiled_cfg", "speed-up of compiled over eager (CFG)", "")]
     for a, b, what, target in rows:
         if a in times and b in times:

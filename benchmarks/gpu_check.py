@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import softcfg_patch as sp  # noqa: E402
+from softcfg_patch.precision import store_linear_weights, tf32  # noqa: E402
 from softcfg_patch.run import registry  # noqa: E402
 
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -42,11 +43,6 @@ SOFTCFG = sp.Guidance(guidance_scale=9.0, guidance_scale_pow=1.5, softcfg_streng
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
-
-
-def no_tf32() -> None:
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
 
 
 def tiny_model(family: str, device: torch.device):
@@ -62,8 +58,7 @@ def tiny_model(family: str, device: torch.device):
 
 
 def check_logits(device: torch.device) -> dict:
-    """Section 1: teacher-forced [cond; uncond] logits of every step vs the CPU golden."""
-    no_tf32()
+    """Section 1: teacher-forced [cond; uncond] logits of every step vs the CPU golden (TF32 off)."""
     out = {}
     for family, io in (("alitok", "alitok_ar_tiny_io.safetensors"), ("rar", "rar_tiny_io.safetensors")):
         golden = load_file(FIXTURES / io)
@@ -118,23 +113,23 @@ def sampler_speed(device: torch.device, tiny: bool, compile_cfg: bool) -> list:
         if not tiny:  # --tiny never compiles (CI)
             variants += [("compiled bf16", True, True, SOFTCFG)]
             variants += [("compiled bf16", True, True, CFG)] if compile_cfg else []
-        for name, bf16, compile, guidance in variants:
-            torch.backends.cuda.matmul.allow_tf32 = not bf16
-            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        for name, bf16, compile, guidance in variants:  # float32 rows first: the bf16 cast is for good
+            if bf16:  # as sample.precision=bf16: linear weights stored in bf16, autocast
+                store_linear_weights(model, torch.bfloat16)
+            with tf32(not bf16), torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 seconds = step_time(model, labels, guidance, 4 if tiny else 32, compile, device)
             rows.append({"model": f"{family}_xl" if not tiny else f"{family}_tiny", "path": name,
                          "method": "softcfg" if guidance.uses_softcfg else "cfg", "batch": batch,
                          "step_s": seconds, "images_per_s": batch / (seconds * N),
                          "bytes_per_step": step_bytes(model, batch, bf16, compile)})
         del model
-    no_tf32()
     return rows
 
 
 def step_bytes(model, batch: int, bf16: bool, fixed_shape: bool) -> int:
     """Weights read once per step + the K/V read by every layer (average length, or the whole
     cache on the fixed-shape path), in the activation dtype."""
-    weight_bytes = sum(p.numel() for p in model.parameters()) * (2 if bf16 else 4)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     length = model.num_prefix_positions + (model.num_image_tokens if fixed_shape else model.num_image_tokens // 2)
     kv = 2 * model.num_layers * 2 * batch * model.num_heads * length * model.head_dim * (2 if bf16 else 4)
     return weight_bytes + kv
@@ -157,7 +152,6 @@ def inception_speed(device: torch.device, tiny: bool) -> dict:
     """Section 3: FID Inception (random weights) on uint8 256x256 images, fp32, TF32 off."""
     sys.path.insert(0, str(ROOT))
     from evaluations.inception import FIDInception
-    no_tf32()
     model = FIDInception(weights=None).to(device)
     batch = 2 if tiny else 200
     images = torch.randint(0, 256, (batch, 256, 256, 3), dtype=torch.uint8, device=device)
@@ -200,13 +194,14 @@ def main() -> int:
     started = time.time()
     result = {"device": args.device, "tiny": args.tiny, "torch": torch.__version__,
               "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"}
-    result["logits"] = check_logits(device)
-    print("logits parity:", result["logits"], flush=True)
-    result["copy_gb_s"] = copy_bandwidth(device, args.tiny) / 1e9
-    result["sampler"] = sampler_speed(device, args.tiny, args.compile_cfg)
-    for r in result["sampler"]:
-        r["roofline"] = r["bytes_per_step"] / r["step_s"] / (result["copy_gb_s"] * 1e9)
-    result["inception"] = inception_speed(device, args.tiny)
+    with tf32(False):  # the sampler rows set their own
+        result["logits"] = check_logits(device)
+        print("logits parity:", result["logits"], flush=True)
+        result["copy_gb_s"] = copy_bandwidth(device, args.tiny) / 1e9
+        result["sampler"] = sampler_speed(device, args.tiny, args.compile_cfg)
+        for r in result["sampler"]:
+            r["roofline"] = r["bytes_per_step"] / r["step_s"] / (result["copy_gb_s"] * 1e9)
+        result["inception"] = inception_speed(device, args.tiny)
     result["seconds"] = time.time() - started
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

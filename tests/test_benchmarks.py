@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
 
 
@@ -24,19 +26,24 @@ def test_gpu_check_tiny_runs_end_to_end_on_cpu(tmp_path):
         (f"{m}_tiny", p, k) for m in ("alitok", "rar") for p in ("eager tf32", "eager bf16")
         for k in ("cfg", "softcfg")}
     assert all(r["images_per_s"] > 0 and r["roofline"] > 0 and r["bytes_per_step"] > 0 for r in rows)
+    bytes_of = {(r["model"], r["path"]): r["bytes_per_step"] for r in rows}
+    for m in ("alitok", "rar"):  # the bf16 rows read bf16 linear weights (sample.precision=bf16)
+        assert bytes_of[(f"{m}_tiny", "eager bf16")] < bytes_of[(f"{m}_tiny", "eager tf32")]
     assert result["inception"]["images_per_s"] > 0 and result["copy_gb_s"] > 0
     table = (tmp_path / "gpu_check.md").read_text()
     assert table.count("| alitok_tiny |") == 4 and "max |diff|" in table
 
 
-def test_bench_sampler_quick_mode_prints_ratios_and_profile(capsys, monkeypatch):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_bench_sampler_quick_mode_prints_ratios_and_profile(capsys, monkeypatch, precision):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import bench_sampler
     monkeypatch.setattr(sys, "argv", ["bench_sampler.py", "--model", "alitok_b", "--hidden-size", "64",
                                       "--layers", "1", "--batch-size", "1", "--steps", "3",
-                                      "--repeats", "1", "--no-compile", "--device", "cpu"])
+                                      "--repeats", "1", "--no-compile", "--device", "cpu",
+                                      "--precision", precision])
     bench_sampler.main()
     out = capsys.readouterr().out
-    assert "3 steps" in out and "SoftCFG / CFG time, eager" in out
+    assert "3 steps" in out and "SoftCFG / CFG time, eager" in out and f"cpu, {precision}," in out
     share = float(out.split("profile eager_softcfg: ")[1].split(" %")[0])
     assert 0 < share < 100  # matmul share of the profiled CPU time

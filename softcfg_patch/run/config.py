@@ -60,7 +60,8 @@ class Sample:
                                    "classes drawn from (seed, k), like upstream LlamaGen's torch.randint")
     save_tokens: bool = _opt(False, "also write <output_dir>_tokens.npz (tokens, labels, manifest)")
     tokens_only: bool = _opt(False, "sample tokens only: no decoder, PNGs or image npz")
-    precision: str = _opt("tf32", "fp32 | tf32 (like upstream; CPU ignores it) | bf16 autocast")
+    precision: str = _opt("tf32", "fp32 | tf32 (like upstream; CPU ignores it) | bf16 (autocast; the "
+                               "generator's linear weights stored in bf16)")
     compile: bool = _opt(False, "torch.compile the decode step (experimental)")
     device: str = _opt("auto", "auto | cpu | cuda")
     overwrite: bool = _opt(False, "delete the samples of another setting in output_dir instead of refusing")

@@ -37,7 +37,7 @@ from tqdm import tqdm
 from ..checkpoint import html_message, looks_like_html
 from ..errors import ConfigError, SoftCFGError, exit_on_error
 from ..guidance import Guidance
-from ..precision import tf32
+from ..precision import cpu_has_fast_bf16, store_linear_weights, tf32
 from ..sampler import generate
 from . import manifest as mf
 from . import output as io
@@ -243,6 +243,11 @@ def run_sampling(config: DictConfig, family: ModelFamily, rank: int = 0, world: 
 
     paths = [OmegaConf.select(config, c.key) for c in inputs]  # generator first, then the decoder's (if any)
     model = family.resolve("load_generator")(config, paths[0]).to(device)
+    if s.precision == "bf16":  # the same numbers as casting under autocast, without a cast per step
+        store_linear_weights(model, torch.bfloat16)
+        if device.type == "cpu" and rank == 0 and not cpu_has_fast_bf16():
+            print("warning: sample.precision=bf16 on a CPU without bf16 units (AVX512-BF16/AMX) is "
+                  "emulated and slower than fp32; use --sample.precision=fp32", file=sys.stderr)
     decode = family.resolve("image_decoder")(config, paths[1] if len(paths) > 1 else None, device) if want_png else None
     if rank == 0:
         print(f"sampling {s.num_fid_samples} images into {out} on {world} process(es) ({note}); "
