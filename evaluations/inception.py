@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from softcfg_patch.checkpoint import CheckpointError, check_state_dict, read_state_dict
+from softcfg_patch.checkpoint import CheckpointError, load_state, read_state_dict
 from softcfg_patch.precision import tf32
 
 WEIGHT_FILES = {  # published file name -> where to download it by hand
@@ -342,16 +342,9 @@ def _sources() -> str:
 
 def load_state_dict_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str = "state dict") -> None:
     """load_state_dict(strict=True, assign=True), with missing BN counters filled in and readable errors."""
-    state = dict(state)
-    expected = model.state_dict()
-    for key, value in expected.items():
-        # torch-fidelity's converter writes no counters; they never affect eval-mode outputs
-        if key.endswith("num_batches_tracked") and key not in state:
-            state[key] = torch.zeros_like(value)
-    check_state_dict(model, state, path=source, what="FID Inception network", source=_sources(),
-                     error=InceptionWeightsError)
-    state = {k: v.to(expected[k].dtype) if v.is_floating_point() else v for k, v in state.items()}
-    model.load_state_dict(state, strict=True, assign=True)  # the file's tensors, not a copy
+    # torch-fidelity's converter writes no counters; they never affect eval-mode outputs
+    load_state(model, state, path=source, what="FID Inception network", source=_sources(),
+               error=InceptionWeightsError, zero_fill=("num_batches_tracked",))
 
 
 def random_weights(seed: int) -> dict[str, torch.Tensor]:
