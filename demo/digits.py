@@ -26,11 +26,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 import softcfg_patch as sp
 from alitok.model import ARModel
+from softcfg_patch.checkpoint import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_PATH = ROOT / "configs" / "digits.yaml"
@@ -38,6 +39,8 @@ WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 GENERATOR_FILE = "digits_ar.safetensors"
 CLASSIFIER_FILE = "digits_classifier.safetensors"
 REFERENCE_FILE = "digits_ar.json"
+# quoted by the loader's errors: where good weight files come from
+WEIGHTS_SOURCE = "the repository's demo/weights/ (or retrain them: python -m demo.digits --out FOLDER)"
 NUM_LEVELS = 17  # gray levels 0..16 = the token vocabulary
 NUM_CLASSES = 10
 
@@ -158,9 +161,8 @@ def heldout_bits_per_pixel(model: ARModel, tokens: torch.Tensor, labels: torch.T
 
 
 def load_generator(cfg: DictConfig, weights_dir: str | Path = WEIGHTS_DIR) -> ARModel:
-    model = build_generator(cfg)
-    model.load_state_dict(load_file(str(Path(weights_dir) / GENERATOR_FILE)), strict=True)
-    return model.eval()
+    return load_model(lambda: build_generator(cfg), Path(weights_dir) / GENERATOR_FILE,
+                      what="digits generator", source=WEIGHTS_SOURCE)
 
 
 # -- classifier (the evaluator's feature network) --------------------------------------
@@ -196,9 +198,9 @@ def train_classifier(cfg: DictConfig, split: DigitsSplit) -> DigitClassifier:
 
 
 def load_classifier(cfg: DictConfig, weights_dir: str | Path = WEIGHTS_DIR) -> DigitClassifier:
-    clf = DigitClassifier(cfg.classifier.hidden, cfg.classifier.features)
-    clf.load_state_dict(load_file(str(Path(weights_dir) / CLASSIFIER_FILE)), strict=True)
-    return clf.eval()
+    return load_model(lambda: DigitClassifier(cfg.classifier.hidden, cfg.classifier.features),
+                      Path(weights_dir) / CLASSIFIER_FILE, what="digits classifier", source=WEIGHTS_SOURCE,
+                      architecture=f"hidden {cfg.classifier.hidden}, features {cfg.classifier.features}")
 
 
 @torch.no_grad()

@@ -38,6 +38,7 @@ from tqdm import tqdm
 import softcfg_patch as sp
 from alitok.model import ARModel
 from demo import digits
+from softcfg_patch.errors import exit_on_error
 from evaluations.metrics import bootstrap, frechet_distance, paired_bootstrap, precision_recall, statistics
 
 NUM_RESAMPLES = 100  # bootstrap resamples behind every Frechet interval
@@ -358,6 +359,7 @@ def real_grid(split: digits.DigitsSplit, columns: int) -> Image.Image:
     return grid_image(split.test_tokens[idx], columns, columns)
 
 
+@exit_on_error()  # a missing or broken weight file: `error: ...`, exit status 2
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)

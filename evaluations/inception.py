@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from softcfg_patch.checkpoint import CheckpointError, check_state_dict, read_state_dict
+from softcfg_patch.checkpoint import CheckpointError, load_state, read_state_dict
 from softcfg_patch.precision import tf32
 
 WEIGHT_FILES = {  # published file name -> where to download it by hand
@@ -236,6 +236,8 @@ class FIDInception(nn.Module):
         self.Mixed_7c = InceptionE(2048, pool="max")
         self.fc = nn.Linear(2048, 1008)
         self.weights_path: Path | None = None
+        self._identity: str | None = None
+        self.register_load_state_dict_post_hook(_forget_identity)
         if weights is not None:
             self.load_weights(find_weights(None if weights == "auto" else weights))
         self.eval()
@@ -247,12 +249,18 @@ class FIDInception(nn.Module):
         return self
 
     def identity(self) -> str:
-        """SHA-256 of the float tensors in sorted key order: names the weights, whatever the file format."""
-        h = hashlib.sha256()
-        for key, value in sorted(self.state_dict().items()):
-            if not key.endswith("num_batches_tracked"):
-                h.update(value.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-        return h.hexdigest()
+        """SHA-256 of the float tensors in sorted key order: names the weights, whatever the file format.
+
+        Hashed once (the evaluator names every cache and its JSON with it); loading a state dict
+        or converting the network (.to / .half) forgets it.
+        """
+        if self._identity is None:
+            self._identity = _weights_sha256(self.state_dict())
+        return self._identity
+
+    def _apply(self, fn, recurse=True):
+        self._identity = None  # a dtype change changes the float32 view that is hashed
+        return super()._apply(fn, recurse)
 
     def preprocess(self, images) -> torch.Tensor:
         """uint8 [N, H, W, 3] (RGB) -> the float NCHW 299x299 tensor that enters Conv2d_1a_3x3."""
@@ -282,6 +290,18 @@ class FIDInception(nn.Module):
             pool = F.adaptive_avg_pool2d(x, 1).flatten(1)  # pool_3: global 8x8 average
             logits = pool @ self.fc.weight.t()  # no bias: ADM reads the MatMul input, not the output
         return {"pool": pool, "spatial": spatial, "logits": logits}
+
+
+def _forget_identity(model: FIDInception, incompatible_keys) -> None:
+    model._identity = None
+
+
+def _weights_sha256(state: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for key, value in sorted(state.items()):
+        if not key.endswith("num_batches_tracked"):
+            h.update(value.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def _check_images(images) -> torch.Tensor:
@@ -342,16 +362,9 @@ def _sources() -> str:
 
 def load_state_dict_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str = "state dict") -> None:
     """load_state_dict(strict=True, assign=True), with missing BN counters filled in and readable errors."""
-    state = dict(state)
-    expected = model.state_dict()
-    for key, value in expected.items():
-        # torch-fidelity's converter writes no counters; they never affect eval-mode outputs
-        if key.endswith("num_batches_tracked") and key not in state:
-            state[key] = torch.zeros_like(value)
-    check_state_dict(model, state, path=source, what="FID Inception network", source=_sources(),
-                     error=InceptionWeightsError)
-    state = {k: v.to(expected[k].dtype) if v.is_floating_point() else v for k, v in state.items()}
-    model.load_state_dict(state, strict=True, assign=True)  # the file's tensors, not a copy
+    # torch-fidelity's converter writes no counters; they never affect eval-mode outputs
+    load_state(model, state, path=source, what="FID Inception network", source=_sources(),
+               error=InceptionWeightsError, zero_fill=("num_batches_tracked",))
 
 
 def random_weights(seed: int) -> dict[str, torch.Tensor]:

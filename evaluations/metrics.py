@@ -22,6 +22,7 @@ from scipy import linalg
 from scipy.linalg import lapack
 
 from softcfg_patch.precision import tf32
+from softcfg_patch.versions import version_tuple
 
 DISTANCE_RULES = ("fp16", "fp32")
 FID_METHODS = ("sqrtm", "eigh")
@@ -78,7 +79,7 @@ def _check_stats(mu, sigma, name: str) -> tuple[np.ndarray, np.ndarray]:
 
 def _sqrtm(a: np.ndarray) -> np.ndarray:
     # scipy 1.16 deprecated `disp` (removed in 1.18); before that, disp=True prints to stdout.
-    if tuple(int(p) for p in scipy.__version__.split(".")[:2]) >= (1, 16):
+    if version_tuple(scipy.__version__) >= (1, 16):
         return linalg.sqrtm(a)
     return linalg.sqrtm(a, disp=False)[0]
 

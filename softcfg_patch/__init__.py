@@ -10,15 +10,37 @@ The method lives here once; models only describe their architecture.
     guided_logits   teacher-forced softmax inputs of the sampler (sampler.py)
     StaticKVCache   preallocated [cond; uncond] KV cache applying the multipliers (cache.py)
     rule            confidences -> multipliers, every variant of the paper and code (rule.py)
+
+The names are imported on first use (PEP 562), so tools that only read the model registry
+or result rows (scripts/collect_results.py) do not pay for importing torch.
 """
-from . import step
-from .cache import MultiplierTable, StaticKVCache
-from .guidance import Guidance, guidance_schedule
-from .rule import image_position_weights, multipliers, token_confidence
-from .sampler import GuidedModel, decode_loop, decode_step, generate, guided_logits
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .lazy import lazy_exports
+
+_SOURCES = {  # exported name -> submodule that defines it
+    "Guidance": "guidance", "guidance_schedule": "guidance",
+    "StaticKVCache": "cache", "MultiplierTable": "cache",
+    "GuidedModel": "sampler", "generate": "sampler", "decode_step": "sampler",
+    "guided_logits": "sampler", "decode_loop": "sampler",
+    "multipliers": "rule", "image_position_weights": "rule", "token_confidence": "rule",
+}
+# Submodules the eager package used to load, still reachable as attributes (softcfg_patch.step).
+_SUBMODULES = ("step", "guidance", "cache", "rule", "sampler")
 
 __all__ = [
     "Guidance", "guidance_schedule", "StaticKVCache", "MultiplierTable", "GuidedModel", "generate",
     "decode_step", "step",
     "guided_logits", "decode_loop", "multipliers", "image_position_weights", "token_confidence",
 ]
+
+__getattr__, __dir__ = lazy_exports(__name__, _SOURCES, _SUBMODULES, __all__)
+
+if TYPE_CHECKING:  # static analysers see the eager imports
+    from . import step
+    from .cache import MultiplierTable, StaticKVCache
+    from .guidance import Guidance, guidance_schedule
+    from .rule import image_position_weights, multipliers, token_confidence
+    from .sampler import GuidedModel, decode_loop, decode_step, generate, guided_logits

@@ -15,7 +15,7 @@ import torch
 
 from .errors import CheckpointError, MissingFileError
 
-__all__ = ["CheckpointError", "read_state_dict", "check_state_dict", "load_model", "load_checkpoint",
+__all__ = ["CheckpointError", "read_state_dict", "check_state_dict", "load_state", "load_model", "load_checkpoint",
            "looks_like_html", "html_message"]
 
 # Wrappers some training scripts put around the state dict (DDP "model", DeepSpeed "module", ...).
@@ -122,6 +122,26 @@ def check_state_dict(module: torch.nn.Module, state: dict, *, path, what: str, s
     raise error("\n".join(lines))
 
 
+def load_state(module: torch.nn.Module, state: dict[str, torch.Tensor], *, path, what: str, source: str,
+               architecture: str = "", error: type[CheckpointError] = CheckpointError,
+               zero_fill: tuple[str, ...] = (), assign: bool = True) -> torch.nn.Module:
+    """Strictly load an already read `state` into `module`: the one core of every loader.
+
+    zero_fill: key suffixes a file may leave out (e.g. "num_batches_tracked", BN counters some
+               converters drop); missing ones are filled with zeros of the module's shape.
+    Floating tensors take the module's dtype; with assign=True the module keeps the file's
+    tensors (no copy; what a meta-built module needs). Errors are `error`s, as check_state_dict.
+    """
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state and k.endswith(zero_fill)] if zero_fill else []
+    if missing:
+        state = {**state, **{k: torch.zeros_like(expected[k], device="cpu") for k in missing}}
+    check_state_dict(module, state, path=path, what=what, source=source, architecture=architecture, error=error)
+    state = {k: v.to(expected[k].dtype) if v.is_floating_point() else v for k, v in state.items()}
+    module.load_state_dict(state, strict=True, assign=assign)
+    return module
+
+
 def load_model(build: Callable[[], torch.nn.Module], path: str | Path, *, what: str, source: str,
                architecture: Optional[str] = None,
                state: Optional[dict[str, torch.Tensor]] = None) -> torch.nn.Module:
@@ -135,11 +155,8 @@ def load_model(build: Callable[[], torch.nn.Module], path: str | Path, *, what: 
         state = read_state_dict(path, what=what, source=source)  # fails fast, before building
     with torch.device("meta"):
         model = build()
-    check_state_dict(model, state, path=path, what=what, source=source,
-                     architecture=architecture if architecture is not None else getattr(model, "architecture", ""))
-    expected = model.state_dict()
-    state = {k: v.to(expected[k].dtype) if v.is_floating_point() else v for k, v in state.items()}
-    model.load_state_dict(state, strict=True, assign=True)
+    load_state(model, state, path=path, what=what, source=source,
+               architecture=architecture if architecture is not None else getattr(model, "architecture", ""))
     if any(b.is_meta for b in model.buffers()):
         if not hasattr(model, "init_buffers"):
             raise TypeError(f"{type(model).__name__} has computed buffers: give it init_buffers(device)")
@@ -149,8 +166,8 @@ def load_model(build: Callable[[], torch.nn.Module], path: str | Path, *, what: 
 
 def load_checkpoint(module: torch.nn.Module, path: str | Path, *, what: str, source: str,
                     architecture: str = "") -> torch.nn.Module:
-    """Strictly load `path` into an already built `module` (tests and small models)."""
+    """Strictly load `path` into an already built `module` (tests and small models), copying
+    into its tensors (device and dtype kept)."""
     state = read_state_dict(path, what=what, source=source)
-    check_state_dict(module, state, path=path, what=what, source=source, architecture=architecture)
-    module.load_state_dict(state, strict=True)
-    return module
+    return load_state(module, state, path=path, what=what, source=source, architecture=architecture,
+                      assign=False)

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported where the schedule is computed: the settings alone do not need it
+    import torch
 
 CONFIDENCES = ("sampled", "max")
 ALIGNMENTS = ("source", "token")
@@ -111,6 +113,8 @@ def guidance_schedule(step: int, num_steps: int, scale: float, power: float,
     Computed in the upstream order (a Python float raised to a float32 tensor power)
     so the scale is the same float32 value the reference used.
     """
+    import torch
+
     power_t = torch.full((1,), float(power), device=device)
     ramp = (1 - torch.cos(((step / num_steps) ** power_t) * torch.pi)) * 1 / 2
     return (scale - 1) * ramp + 1

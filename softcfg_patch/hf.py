@@ -62,9 +62,10 @@ from .cache import MultiplierTable
 from .guidance import Guidance
 from .step import (Schedule, StepHook, filter_logits, mix, position_weights, record_confidence,
                    sample, temperature)
+from .versions import version_tuple
 
 MIN_TRANSFORMERS = (5, 22)
-if tuple(int(p) for p in transformers.__version__.split(".")[:2] if p.isdigit()) < MIN_TRANSFORMERS:
+if version_tuple(transformers.__version__) < MIN_TRANSFORMERS:
     raise ImportError(f"softcfg_patch.hf needs transformers>=5.22, found "
                       f"{transformers.__version__}")
 

@@ -98,8 +98,11 @@ class SoftCFGUnbatchedLogitsProcessor(LogitsProcessor):
                                               dtype=torch.long)
         self.on_step = on_step
         self.step = 0
-        self.confidences: list[torch.Tensor] = []  # c_0 .. c_{t-1}, one [rows] tensor per step
-        self._structural: list[torch.Tensor] = []
+        # c_0 .. c_{t-1} and their structural flags, [rows, capacity], written in place (no
+        # per-step re-stacking of the whole history); allocated on the first record
+        self._history: Optional[torch.Tensor] = None
+        self._structural: Optional[torch.Tensor] = None
+        self._recorded = 0
         self._last_scores: Optional[torch.Tensor] = None
 
     @staticmethod
@@ -136,14 +139,34 @@ class SoftCFGUnbatchedLogitsProcessor(LogitsProcessor):
 
     # ----------------------------------------------------------------- SoftCFG
 
+    @property
+    def confidences(self) -> torch.Tensor:
+        """c_0 .. c_{t-1} recorded so far, [rows, t] (a view of the history)."""
+        return self._history[:, :self._recorded] if self._history is not None else torch.zeros(0, 0)
+
     def _set_multipliers(self, previous_token: torch.Tensor) -> None:
         """Record c_{t-1} of x_{t-1} and write the multipliers of x_0 .. x_{t-1} for this forward."""
         g = self.guidance
-        self.confidences.append(token_confidence(self._last_scores, previous_token,
-                                                 g.randomize_temperature, g.softcfg_confidence))
-        self._structural.append(torch.isin(previous_token, self.structural_ids))
-        weights = position_weights(torch.stack(self.confidences, 1), g, torch.stack(self._structural, 1))
+        self._record(token_confidence(self._last_scores, previous_token, g.randomize_temperature,
+                                      g.softcfg_confidence),
+                     torch.isin(previous_token, self.structural_ids))
+        t = self._recorded
+        weights = position_weights(self._history[:, :t], g, self._structural[:, :t])
         self.cache.set_multipliers(torch.arange(weights.shape[0]), self._prompt_length, weights)
+
+    def _record(self, confidence: torch.Tensor, structural: torch.Tensor) -> None:
+        """Write the next column of the history; N columns when max_new_tokens is known, else doubling."""
+        t = self._recorded
+        if self._history is None or t == self._history.shape[1]:
+            capacity = max(self.max_new_tokens or 0, 2 * (t + 1))
+            history = confidence.new_zeros(confidence.shape[0], capacity)
+            flags = structural.new_zeros(structural.shape[0], capacity)
+            if self._history is not None:
+                history[:, :t], flags[:, :t] = self._history, self._structural
+            self._history, self._structural = history, flags
+        self._history[:, t] = confidence
+        self._structural[:, t] = structural
+        self._recorded = t + 1
 
     def _schedule(self, t: int) -> Schedule:
         if t >= self.schedule.scales.numel():  # constant scale, no N given: extend (same values)

@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 import softcfg_patch as sp
 from alitok.model import ARModel, rotary_table
-from softcfg_patch.checkpoint import CheckpointError, load_checkpoint
+from softcfg_patch.checkpoint import CheckpointError, load_checkpoint, load_state
 from conftest import FIXTURES, ROOT, load_golden
 
 IO = load_golden("alitok_ar_tiny_io.safetensors")
@@ -112,6 +112,20 @@ def test_checkpoint_loads_pth_wrapped_and_ddp_prefixed(tiny_alitok, tmp_path):
     config = OmegaConf.load(FIXTURES / "alitok_ar_tiny_config.yaml")
     fresh = load_checkpoint(ARModel(config), path, what="AliTok generator", source="x")
     assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), tiny_alitok.state_dict().values()))
+
+
+def test_load_state_fills_counters_and_casts_on_a_meta_module():
+    """The shared core (also the Inception loader's): zero-filled BN counters, dtype cast, no copy."""
+    with torch.device("meta"):
+        module = torch.nn.BatchNorm1d(3)
+    state = {k: torch.arange(3, dtype=torch.float64) + 1 for k in ("weight", "bias", "running_mean", "running_var")}
+    load_state(module, state, path="p", what="bn", source="x", zero_fill=("num_batches_tracked",))
+    assert module.num_batches_tracked.device.type == "cpu" and int(module.num_batches_tracked) == 0
+    assert module.weight.dtype == torch.float32 and torch.equal(module.running_var, torch.tensor([1.0, 2, 3]))
+    with torch.device("meta"):
+        module = torch.nn.BatchNorm1d(3)
+    with pytest.raises(CheckpointError, match="missing keys: num_batches_tracked"):  # only when asked
+        load_state(module, state, path="p", what="bn", source="x")
 
 
 def test_checkpoint_refuses_pickled_objects(tmp_path):

@@ -198,6 +198,20 @@ def test_bad_options_exit_2_in_one_line(tmp_path, capsys):
     assert (tmp_path / "file").read_text() == "x"
 
 
+def test_missing_or_broken_weights_exit_2_in_one_line(cfg, tmp_path, capsys, monkeypatch):
+    load_generator = digits.load_generator  # the shared checkpoint loader's errors, as elsewhere
+    monkeypatch.setattr(digits, "load_generator", lambda cfg, weights_dir=tmp_path: load_generator(cfg, weights_dir))
+    for content, message in ((None, "digits generator checkpoint not found"),
+                             (b"version https://git-lfs.github.com/spec/v1\n", "could not read digits generator")):
+        if content is not None:
+            (tmp_path / digits.GENERATOR_FILE).write_bytes(content)  # e.g. a Git LFS pointer
+        with pytest.raises(SystemExit) as err:
+            run.main(["--quick", "--out", str(tmp_path / "out")])
+        stderr = capsys.readouterr().err
+        assert err.value.code == 2 and stderr.startswith("error: ") and stderr.count("\n") == 1, stderr
+        assert message in stderr and "demo/weights/" in stderr, stderr
+
+
 def test_quick_demo_is_deterministic(quick_run, tmp_path):
     _, first = quick_run
     second = run.main(["--quick", "--out", str(tmp_path), "--scales", "1.5", "5"])

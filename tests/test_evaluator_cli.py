@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -144,6 +145,23 @@ def test_reference_activations_come_from_the_cache(script_run, weights, batches,
     settings = json.loads(out.read_text())["settings"]
     assert settings["cache_hit"] is True and settings["sample_cache_hit"] is True
     assert settings["sample_sha256"] == E.file_sha256(batches[1])
+
+
+def test_network_identity_is_hashed_once_per_evaluation(weights, batches, recorder, capsys, monkeypatch, tmp_path):
+    from evaluations import inception as I
+    hashed, real = [], I._weights_sha256
+    monkeypatch.setattr(I, "_weights_sha256", lambda state: hashed.append(1) or real(state))
+    ref, sample = (Path(shutil.copy(p, tmp_path)) for p in batches)  # fresh caches, away from the shared files
+    out = tmp_path / "out.json"
+    rc, _, stderr = _main(capsys, ref, sample, "--inception-weights", weights, "--json", out)
+    assert rc == 0, stderr
+    assert len(hashed) == 1  # not once per cache key (reference, sample) and again for the JSON
+    assert json.loads(out.read_text())["settings"]["inception_sha256"] == RECIPE["sha256_472_float_keys"]
+    assert len(list(tmp_path.glob("*.fid-inception-*.npz"))) == 2
+    model = FIDInception(weights)  # a new state dict is hashed anew
+    before = model.identity()
+    I.load_state_dict_strict(model, {k: v + 1 if k == "fc.bias" else v for k, v in model.state_dict().items()})
+    assert model.identity() != before and len(hashed) == 3
 
 
 @pytest.fixture(scope="module")

@@ -93,12 +93,12 @@ def forced_tokens(rows: int, n: int, seed: int = 0) -> torch.Tensor:
     return tokens
 
 
-def unbatched_forced(model, guidance, uncond, tokens, copies=1, use_cache=True):
+def unbatched_forced(model, guidance, uncond, tokens, copies=1, use_cache=True, tell_length=True):
     """Per-step log_softmax(guided / T) of the unbatched processor in stock generate, forced."""
     seen = []
     processor = SoftCFGUnbatchedLogitsProcessor(
         guidance, model, unconditional_ids=uncond, use_cache=use_cache,
-        max_new_tokens=tokens.shape[1], structural_token_ids=[EOL],
+        max_new_tokens=tokens.shape[1] if tell_length else None, structural_token_ids=[EOL],
         on_step=lambda t, c, u, guided, x, cache: seen.append(guided.clone()))
     # sampling (num_return_sequences needs it) from one finite token: the forced one
     out = model.generate(input_ids=COND, attention_mask=torch.ones_like(COND), do_sample=True,
@@ -184,6 +184,17 @@ def test_strength_one_matches_batched_driver_teacher_forced(kind, target, layout
                                              randomize_temperature=0.8), UNCOND[layout], tokens,
                              copies)
     assert max((a - b).abs().nan_to_num(0.0).max().item() for a, b in zip(got, plain)) > 1e-2
+
+
+def test_unknown_length_grows_the_confidence_history():
+    """No max_new_tokens (constant scale): the history grows by doubling (2, 6, 14 columns) and
+    every step still equals the batched driver's."""
+    model = tiny("llama")
+    g = Guidance(guidance_scale=3.0, guidance_scale_pow=0.0, randomize_temperature=0.8,
+                 softcfg_strength=1.0, step_norm=True)
+    tokens = forced_tokens(COND.shape[0], 9, seed=3)
+    got = unbatched_forced(model, g, UNCOND["rows"], tokens, tell_length=False)
+    assert_same_steps(got, batched_forced(model, g, UNCOND["rows"], tokens))
 
 
 def test_no_cache_plain_cfg_matches_cached_and_scale_one_skips_the_unconditional_forward():

@@ -106,6 +106,17 @@ def test_frechet_distance_small_n_rank_deficient_agrees():
     assert abs(M.frechet_distance(*s1, *s1, method="eigh")) < 1e-8
 
 
+def test_version_strings_compare_as_release_numbers(monkeypatch):
+    from softcfg_patch.versions import version_tuple
+    assert version_tuple("1.16.0rc1") == (1, 16, 0) and version_tuple("1.16rc1") == (1, 16)
+    assert version_tuple("4.46.0.dev0") == (4, 46, 0) and version_tuple("2.13.0+cpu") == (2, 13, 0)
+    assert version_tuple("1.9.3") < (1, 16) <= version_tuple("1.16.0rc1") < version_tuple("1.16.1")
+    with pytest.raises(ValueError, match="cannot read a version number from 'dev'"):
+        version_tuple("dev")
+    monkeypatch.setattr(M.scipy, "__version__", "1.16rc1")  # the sqrtm switch read int("16rc1")
+    np.testing.assert_allclose(M._sqrtm(np.diag([4.0, 9.0])), np.diag([2.0, 3.0]))
+
+
 def test_frechet_distance_errors():
     eye = np.eye(2)
     with pytest.raises(ValueError, match="Imaginary component"):  # ADM's check on invalid covariances

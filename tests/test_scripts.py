@@ -200,6 +200,25 @@ def test_plot_sweep_draws_both_methods(tmp_path):
     assert sorted(plot_sweep.line_label(g) for g in groups)[0] == "alitok_xl CFG, k=1.4 [SMOKE]"
 
 
+def test_table_scripts_import_without_torch():
+    # collect_results only reads rows and the registry; importing it (and run_setting, which
+    # hands the heavy work to subprocesses) must not pay for torch. Lazy package exports.
+    code = ("import runpy, sys\n"
+            "for name in ('collect_results', 'run_setting'):\n"
+            "    runpy.run_path(f'scripts/{name}.py', run_name='imported')\n"
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))\n")
+    res = run([sys.executable, "-c", code], PYTHONPATH=str(ROOT))
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "[]"
+    import softcfg_patch as sp  # every lazily exported name and submodule still resolves
+    import softcfg_patch.run as sr
+    assert sp.step is sys.modules["softcfg_patch.step"] and sp.generate is sp.sampler.generate
+    assert all(getattr(sp, name) is not None for name in sp.__all__)
+    assert all(getattr(sr, name) is not None for name in sr.__all__)
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        sp.nope
+
+
 def test_bad_input_gives_usage_and_listed_downloads(tmp_path):
     for script, arg in (("table1_alitok.sh", "m"), ("table_rar.sh", ""), ("table_ablation.sh", "xl")):
         res = run(["bash", SCRIPTS / script, arg] if arg else ["bash", SCRIPTS / script])

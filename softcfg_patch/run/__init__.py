@@ -7,12 +7,30 @@
     manifest    what made the samples in an output folder (pure functions)
 
 A family's entry point is two lines: `from softcfg_patch.run import entry_point;
-entry_point("alitok")`. Nothing here imports a model family until it samples one.
+entry_point("alitok")`. Nothing here imports a model family until it samples one, and
+the names are imported on first use (PEP 562): reading the registry does not import torch.
 """
-from .config import parse_cli
-from .output import atomic_write
-from .registry import MODELS, Checkpoint, ModelFamily, Option, get, register
-from .runner import entry_point, main, run_sampling
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ..lazy import lazy_exports
+
+_SOURCES = {  # exported name -> submodule that defines it
+    "parse_cli": "config", "atomic_write": "output",
+    "MODELS": "registry", "Checkpoint": "registry", "ModelFamily": "registry", "Option": "registry",
+    "get": "registry", "register": "registry",
+    "entry_point": "runner", "main": "runner", "run_sampling": "runner",
+}
+_SUBMODULES = ("registry", "config", "runner", "output", "manifest")
 
 __all__ = ["MODELS", "ModelFamily", "Option", "Checkpoint", "register", "get", "parse_cli", "main",
            "run_sampling", "entry_point", "atomic_write"]
+
+__getattr__, __dir__ = lazy_exports(__name__, _SOURCES, _SUBMODULES, __all__)
+
+if TYPE_CHECKING:  # static analysers see the eager imports
+    from .config import parse_cli
+    from .output import atomic_write
+    from .registry import MODELS, Checkpoint, ModelFamily, Option, get, register
+    from .runner import entry_point, main, run_sampling
