@@ -28,7 +28,7 @@ _SOURCES = {  # exported name -> submodule that defines it
     "multipliers": "rule", "image_position_weights": "rule", "token_confidence": "rule",
 }
 # Submodules the eager package used to load, still reachable as attributes (softcfg_patch.step).
-_SUBMODULES = ("step", "guidance", "cache", "rule", "sampler")
+_SUBMODULES = ("step", "guidance", "cache", "rule", "sampler", "precision")
 
 __all__ = [
     "Guidance", "guidance_schedule", "StaticKVCache", "MultiplierTable", "GuidedModel", "generate",
