@@ -21,8 +21,9 @@ median of per-repeat ratios, so slow drift of a shared machine cancels. Paths:
 and autocast (fast on CPUs with AVX512-BF16/AMX and on GPUs; float32 stays the default).
 
 `--steps N` decodes only the first N image tokens in every path (quick runs; per-step
-costs and ratios stay comparable). A per-op profile of one eager and one compiled
-SoftCFG run prints the share of time in matrix multiplications beside the ratios.
+costs and ratios stay comparable). With `--steps` up to 64, a per-op profile of one eager
+and one compiled SoftCFG run prints the share of time in matrix multiplications beside the
+ratios (the profiler holds every event in memory: a full image would take tens of GB).
 """
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ import softcfg_patch as sp  # noqa: E402
 from softcfg_patch.precision import store_linear_weights  # noqa: E402
 from softcfg_patch.run import registry  # noqa: E402
 
+PROFILE_MAX_STEPS = 64  # the profiler keeps every event in memory
 MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear",
               "mkldnn", "mkl_", "aten::_scaled_dot_product", "cpp_fused_mm", "extern_kernels")
 
@@ -197,7 +199,10 @@ def main() -> None:
                 times[name].append(timed(runners[name], device))
                 print(f"  repeat {r}: {name} {times[name][-1]:.3f} s", flush=True)
         shares = {}
-        if not args.no_profile and device.type == "cpu":
+        if not args.no_profile and device.type == "cpu" and (args.steps or 10 ** 9) > PROFILE_MAX_STEPS:
+            print(f"  (no per-op profile: it records every op of a run, tens of GB over a full image; "
+                  f"use --steps {PROFILE_MAX_STEPS} for one)")
+        elif not args.no_profile and device.type == "cpu":
             for name in ("eager_softcfg", "compiled_softcfg", "upstream_cfg"):
                 if name in runners:
                     shares[name] = profile_share(runners[name])
