@@ -121,18 +121,22 @@ def sampler_speed(device: torch.device, tiny: bool, compile_cfg: bool) -> list:
             rows.append({"model": f"{family}_xl" if not tiny else f"{family}_tiny", "path": name,
                          "method": "softcfg" if guidance.uses_softcfg else "cfg", "batch": batch,
                          "step_s": seconds, "images_per_s": batch / (seconds * N),
-                         "bytes_per_step": step_bytes(model, batch, bf16, compile)})
+                         "weight_bytes": weight_bytes(model), "bytes_per_step": step_bytes(model, batch, bf16, compile)})
         del model
     return rows
+
+
+def weight_bytes(model) -> int:
+    """Bytes of the parameters as stored (bf16 linear weights on the bf16 rows)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 def step_bytes(model, batch: int, bf16: bool, fixed_shape: bool) -> int:
     """Weights read once per step + the K/V read by every layer (average length, or the whole
     cache on the fixed-shape path), in the activation dtype."""
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     length = model.num_prefix_positions + (model.num_image_tokens if fixed_shape else model.num_image_tokens // 2)
     kv = 2 * model.num_layers * 2 * batch * model.num_heads * length * model.head_dim * (2 if bf16 else 4)
-    return weight_bytes + kv
+    return weight_bytes(model) + kv
 
 
 def copy_bandwidth(device: torch.device, tiny: bool) -> float:

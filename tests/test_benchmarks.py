@@ -8,8 +8,11 @@ import subprocess
 import sys
 
 import pytest
+import torch
+from omegaconf import OmegaConf
 
-from conftest import ROOT
+from conftest import FIXTURES, ROOT
+from softcfg_patch.run import registry
 
 
 def test_gpu_check_tiny_runs_end_to_end_on_cpu(tmp_path):
@@ -26,9 +29,14 @@ def test_gpu_check_tiny_runs_end_to_end_on_cpu(tmp_path):
         (f"{m}_tiny", p, k) for m in ("alitok", "rar") for p in ("eager tf32", "eager bf16")
         for k in ("cfg", "softcfg")}
     assert all(r["images_per_s"] > 0 and r["roofline"] > 0 and r["bytes_per_step"] > 0 for r in rows)
-    bytes_of = {(r["model"], r["path"]): r["bytes_per_step"] for r in rows}
-    for m in ("alitok", "rar"):  # the bf16 rows read bf16 linear weights (sample.precision=bf16)
-        assert bytes_of[(f"{m}_tiny", "eager bf16")] < bytes_of[(f"{m}_tiny", "eager tf32")]
+    for m, config in (("alitok", "alitok_ar_tiny_config.yaml"), ("rar", "rar_tiny_config.yaml")):
+        # the bf16 rows hold bf16 linear weights (sample.precision=bf16), counted independently here
+        model = registry.get(m).resolve("generator_class")(OmegaConf.load(FIXTURES / config))
+        total = sum(p.numel() for p in model.parameters())
+        linear = sum(p.numel() for mod in model.modules() if isinstance(mod, torch.nn.Linear)
+                     for p in mod.parameters())
+        weights = {r["path"]: r["weight_bytes"] for r in rows if r["model"] == f"{m}_tiny"}
+        assert weights == {"eager tf32": 4 * total, "eager bf16": 4 * total - 2 * linear}
     assert result["inception"]["images_per_s"] > 0 and result["copy_gb_s"] > 0
     table = (tmp_path / "gpu_check.md").read_text()
     assert table.count("| alitok_tiny |") == 4 and "max |diff|" in table
