@@ -44,6 +44,7 @@ with `do_sample=False`; the processor samples and forces its token on both rows.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Callable, Iterable, Optional, Sequence, Union
 
@@ -246,7 +247,7 @@ class SoftCFGSampler:
                                               dtype=torch.long)
         self.prompt_length = prompt_length
         batch = self.cond_rows.numel()
-        self.schedule = Schedule(guidance, self.num_steps)
+        self.schedule: Optional[Schedule] = None  # built on the first call's device
         self.tokens = torch.zeros(batch, self.num_steps, dtype=torch.long)
         self.confidences = torch.zeros(batch, self.num_steps)
         self.structural = torch.zeros(batch, self.num_steps, dtype=torch.bool)
@@ -294,7 +295,7 @@ class SoftCFGSampler:
         return out
 
     def _to(self, device: torch.device) -> None:
-        if self.tokens.device != device:
+        if self.schedule is None or self.tokens.device != device:
             for name in ("cond_rows", "uncond_rows", "structural_ids", "tokens", "confidences",
                          "structural"):
                 value = getattr(self, name)
@@ -387,8 +388,15 @@ def make_cache(model: torch.nn.Module, guidance: Guidance, cache_implementation:
 
 def cache_argument(model: torch.nn.Module) -> str:
     """The forward/generate keyword of the cache: 'cache' (newer) or 'past_key_values' (5.22)."""
-    parameters = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in parameters else "past_key_values"
+    return _forward_keywords(type(model))[0]
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_keywords(model_class: type) -> tuple[str, bool]:
+    """(cache keyword, takes logits_to_keep) of a model class's forward: read once per class,
+    not at every decode step."""
+    parameters = inspect.signature(model_class.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values", "logits_to_keep" in parameters
 
 
 @torch.no_grad()
@@ -455,8 +463,9 @@ def generate(model: torch.nn.Module, cond_ids: torch.Tensor, uncond_ids: Optiona
 
 def _forward(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor,
              positions: torch.Tensor, cache) -> torch.Tensor:
-    kwargs = {cache_argument(model): cache, "use_cache": True}
-    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+    cache_keyword, takes_logits_to_keep = _forward_keywords(type(model))
+    kwargs = {cache_keyword: cache, "use_cache": True}
+    if takes_logits_to_keep:
         kwargs["logits_to_keep"] = 1
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, **kwargs)
     return out.logits[:, -1]

@@ -89,7 +89,8 @@ class SoftCFGUnbatchedLogitsProcessor(LogitsProcessor):
             raise ValueError("use_cache=False with softcfg_strength > 0: SoftCFG scales the "
                              "unconditional KV cache, so it needs use_cache=True")
         self.max_new_tokens = max_new_tokens
-        self.schedule = Schedule(guidance, max_new_tokens or 1)
+        self._num_steps = max_new_tokens or 1  # the schedule is built on the scores' device
+        self.schedule: Optional[Schedule] = None
         self.unconditional_ids = unconditional_ids
         self.unconditional_attention_mask = unconditional_attention_mask
         self.use_cache = use_cache
@@ -115,8 +116,9 @@ class SoftCFGUnbatchedLogitsProcessor(LogitsProcessor):
         if t == 0:
             _check_generate_settings(self, input_ids.shape[0])
             self._cond_length = input_ids.shape[1]
-            self.schedule = Schedule(self.guidance, self.schedule.scales.numel(), scores.device)
+            self.schedule = Schedule(self.guidance, self._num_steps, scores.device)
             self.structural_ids = self.structural_ids.to(scores.device)
+            self._rows = torch.arange(input_ids.shape[0], device=scores.device)
         elif input_ids.shape[1] != self._cond_length + t:
             raise RuntimeError("a SoftCFGUnbatchedLogitsProcessor serves one generate call (it holds "
                                "that call's unconditional cache); build a new one for each call")
@@ -147,25 +149,28 @@ class SoftCFGUnbatchedLogitsProcessor(LogitsProcessor):
     def _set_multipliers(self, previous_token: torch.Tensor) -> None:
         """Record c_{t-1} of x_{t-1} and write the multipliers of x_0 .. x_{t-1} for this forward."""
         g = self.guidance
+        markers = self.structural_ids.numel() > 0  # else no isin and no host sync per step
         self._record(token_confidence(self._last_scores, previous_token, g.randomize_temperature,
                                       g.softcfg_confidence),
-                     torch.isin(previous_token, self.structural_ids))
+                     torch.isin(previous_token, self.structural_ids) if markers else None)
         t = self._recorded
-        weights = position_weights(self._history[:, :t], g, self._structural[:, :t])
-        self.cache.set_multipliers(torch.arange(weights.shape[0]), self._prompt_length, weights)
+        weights = position_weights(self._history[:, :t], g, self._structural[:, :t] if markers else None)
+        self.cache.set_multipliers(self._rows, self._prompt_length, weights)
 
-    def _record(self, confidence: torch.Tensor, structural: torch.Tensor) -> None:
-        """Write the next column of the history; N columns when max_new_tokens is known, else doubling."""
+    def _record(self, confidence: torch.Tensor, structural: Optional[torch.Tensor]) -> None:
+        """Write the next column of the history (and of the structural flags, when there are
+        marker ids); N columns when max_new_tokens is known, else doubling."""
         t = self._recorded
         if self._history is None or t == self._history.shape[1]:
             capacity = max(self.max_new_tokens or 0, 2 * (t + 1))
             history = confidence.new_zeros(confidence.shape[0], capacity)
-            flags = structural.new_zeros(structural.shape[0], capacity)
+            flags = torch.zeros(history.shape, dtype=torch.bool, device=history.device)
             if self._history is not None:
                 history[:, :t], flags[:, :t] = self._history, self._structural
             self._history, self._structural = history, flags
         self._history[:, t] = confidence
-        self._structural[:, t] = structural
+        if structural is not None:
+            self._structural[:, t] = structural
         self._recorded = t + 1
 
     def _schedule(self, t: int) -> Schedule:
@@ -185,7 +190,9 @@ class SoftCFGUnbatchedLogitsProcessor(LogitsProcessor):
         else:
             new = input_ids[:, -1:]
             self._mask = torch.cat([self._mask, torch.ones_like(new)], dim=1)
-            self._positions = torch.cat([self._positions, self._positions[:, -1:] + 1], dim=1)
+            # with a cache only the newest position is ever read (no O(t) concatenation per step)
+            next_position = self._positions[:, -1:] + 1
+            self._positions = next_position if self.use_cache else torch.cat([self._positions, next_position], dim=1)
             # with a cache only x_{t-1} goes in; without, the whole sequence again
             self._ids = new if self.use_cache else torch.cat([self._ids, new], dim=1)
         if self.use_cache:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .guidance import Guidance, guidance_schedule
-from .rule import STEP_NORM_EPS, image_position_weights, multipliers, token_confidence
+from .rule import image_position_weights, multipliers, token_confidence
 
 # on_step(step, cond, uncond, guided, tokens, cache): the same hook for every driver.
 # guided is the softmax input (guided logits / T, filtered); uncond is None without CFG.
@@ -177,9 +177,5 @@ def position_weights_at(history: torch.Tensor, step: torch.Tensor, guidance: Gui
     else:  # position of x_j weighed by c_j, j <= t - 1
         conf, scaled = history[:, :-1], j < step
     conf = torch.where(scaled, conf, torch.zeros_like(conf))
-    if guidance.step_norm:
-        share = conf / (conf.sum(dim=-1, keepdim=True) + STEP_NORM_EPS)
-        m = ((1 - share) ** guidance.softcfg_strength).clamp_min(guidance.softcfg_min_weight)
-    else:
-        m = multipliers(conf, guidance.softcfg_strength, step_norm=False)
+    m = multipliers(conf, guidance.softcfg_strength, guidance.step_norm, guidance.softcfg_min_weight)
     return torch.where(scaled, m, torch.ones_like(m))
