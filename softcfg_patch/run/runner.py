@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from contextlib import contextmanager
+from dataclasses import fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence, Union
@@ -41,7 +42,7 @@ from ..precision import cpu_has_fast_bf16, store_linear_weights, tf32
 from ..sampler import generate
 from . import manifest as mf
 from . import output as io
-from .config import REPO_ROOT, parse_cli
+from .config import REPO_ROOT, Sample, parse_cli
 from .registry import Checkpoint, ModelFamily, get
 
 
@@ -190,6 +191,9 @@ def class_labels(indices: range, num_classes: int, mode: str = "balanced", seed:
 
 
 # ------------------------------------------------------------------------ manifest
+SAMPLE_FIELDS = frozenset(f.name for f in fields(Sample))  # the options every family shares
+
+
 def run_manifest(config: DictConfig, inputs: Sequence[Checkpoint], want_decoder: bool,
                  device: torch.device) -> dict:
     """The manifest of this run: hashes each input file once (rank 0 only)."""
@@ -198,8 +202,8 @@ def run_manifest(config: DictConfig, inputs: Sequence[Checkpoint], want_decoder:
     images = {f"model.generator.{k}": v for k, v in guidance.items()}
     images.update({f"sample.{k}": s[k] for k in ("seed", "per_proc_batch_size", "num_fid_samples", "precision",
                                                   "labels")})
-    if "image_size_eval" in s:
-        images["sample.image_size_eval"] = s.image_size_eval
+    # a family's own sample options (ModelFamily.sample, e.g. LlamaGen's image_size_eval) shape its images
+    images.update({f"sample.{k}": s[k] for k in s if k not in SAMPLE_FIELDS})
     images["softcfg.version"] = mf.project_version(REPO_ROOT)
     recorded = {}
     for item in inputs:
@@ -242,12 +246,13 @@ def run_sampling(config: DictConfig, family: ModelFamily, rank: int = 0, world: 
         lambda: io.prepare_output(out, run_manifest(config, inputs, want_png, device), bool(s.overwrite)))
 
     paths = [OmegaConf.select(config, c.key) for c in inputs]  # generator first, then the decoder's (if any)
-    model = family.resolve("load_generator")(config, paths[0]).to(device)
+    model = family.resolve("load_generator")(config, paths[0])
     if s.precision == "bf16":  # the same numbers as casting under autocast, without a cast per step
-        store_linear_weights(model, torch.bfloat16)
+        store_linear_weights(model, torch.bfloat16)  # before the copy to the device: half the bytes
         if device.type == "cpu" and rank == 0 and not cpu_has_fast_bf16():
             print("warning: sample.precision=bf16 on a CPU without bf16 units (AVX512-BF16/AMX) is "
                   "emulated and slower than fp32; use --sample.precision=fp32", file=sys.stderr)
+    model = model.to(device)
     decode = family.resolve("image_decoder")(config, paths[1] if len(paths) > 1 else None, device) if want_png else None
     if rank == 0:
         print(f"sampling {s.num_fid_samples} images into {out} on {world} process(es) ({note}); "
