@@ -38,7 +38,7 @@ from tqdm import tqdm
 import softcfg_patch as sp
 from alitok.model import ARModel
 from demo import digits
-from softcfg_patch.errors import exit_on_error
+from softcfg_patch.errors import ConfigError, exit_on_error
 from evaluations.metrics import bootstrap, frechet_distance, paired_bootstrap, precision_recall, statistics
 
 NUM_RESAMPLES = 100  # bootstrap resamples behind every Frechet interval
@@ -140,9 +140,10 @@ def paired_frechet_delta(cfg_feats: np.ndarray, soft_feats: np.ndarray, ref: Ref
 
 
 def evaluate(clf: digits.DigitClassifier, tokens: torch.Tensor, labels: torch.Tensor, ref: Reference,
-             seed: int = 0) -> dict:
-    """All metrics of one set of samples against the held-out real digits."""
-    feats = digits.embed(clf, tokens)
+             seed: int = 0, feats: np.ndarray | None = None) -> dict:
+    """All metrics of one set of samples against the held-out real digits (`feats`: their
+    classifier features, if already computed)."""
+    feats = digits.embed(clf, tokens) if feats is None else feats
     mu, sigma = statistics(feats)
     precision, recall = manifold_precision_recall(ref.features, feats)
     div = per_class_diversity(digits.to_pixels(tokens).double().numpy(), labels.numpy())
@@ -284,25 +285,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--config", default=str(digits.CONFIG_PATH))
     args = p.parse_args(argv)
     if args.samples_per_class is not None and args.samples_per_class < 2:
-        fail(f"--samples-per-class must be at least 2 (diversity needs pairs), got {args.samples_per_class}")
+        raise ConfigError(f"--samples-per-class must be at least 2 (diversity needs pairs), "
+                          f"got {args.samples_per_class}")
     bad = [s for s in args.scales or [] if not (s > 0 and np.isfinite(s))]
     if bad:
-        fail(f"--scales must be positive guidance scales, got {bad[0]:g} (no guidance, scale 0, is always "
-             f"included); e.g. --scales 1.5 3 5")
+        raise ConfigError(f"--scales must be positive guidance scales, got {bad[0]:g} (no guidance, scale 0, "
+                          f"is always included); e.g. --scales 1.5 3 5")
     if args.scale_pow is not None and not (args.scale_pow >= 0 and np.isfinite(args.scale_pow)):
-        fail(f"--scale-pow must be >= 0 (0 = constant scale), got {args.scale_pow:g}")
+        raise ConfigError(f"--scale-pow must be >= 0 (0 = constant scale), got {args.scale_pow:g}")
     if args.threads < 1:
-        fail(f"--threads must be >= 1, got {args.threads}")
+        raise ConfigError(f"--threads must be >= 1, got {args.threads}")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
-        fail(f"--out {out} is a file; give a folder for the results (it is created if missing)")
+        raise ConfigError(f"--out {out} is a file; give a folder for the results (it is created if missing)")
     return args
-
-
-def fail(message: str) -> None:
-    """A bad option: one line on stderr, exit status 2."""
-    print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(2)
 
 
 def load_models(cfg: DictConfig, args: argparse.Namespace, out: Path
@@ -344,7 +340,7 @@ def sweep(model: ARModel, clf: digits.DigitClassifier, ref: Reference, settings:
         feats[s.name] = digits.embed(clf, tokens)
         rows.append({"setting": s.name, "method": s.method, "label": METHOD_LABELS[s.method],
                      "scale": s.scale, "guidance": s.guidance.to_dict(),
-                     **evaluate(clf, tokens, labels, ref, seed)})
+                     **evaluate(clf, tokens, labels, ref, seed, feats[s.name])})
     by_key = {(r["method"], r["scale"]): r for r in rows}
     for r in rows:  # same labels and seed as the CFG row of that scale: a paired comparison
         cfg = by_key.get(("cfg", r["scale"]))
@@ -373,7 +369,7 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        fail(f"cannot create the output folder --out {out} ({err.strerror}); choose another folder")
+        raise ConfigError(f"cannot create the output folder --out {out} ({err.strerror}); choose another folder")
 
     model, clf, weights = load_models(cfg, args, out)
     split = digits.load_split(cfg)
