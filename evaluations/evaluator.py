@@ -348,15 +348,10 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, dict]:
 
 def bootstrap_results(ref: dict, sample_acts: dict, results: dict, args, device) -> dict:
     """Bootstrap std and 95 % interval of every metric, centred on the reported (ADM) value."""
-    draws = metrics.bootstrap(ref, sample_acts, args.bootstrap, args.bootstrap_seed, device=device,
-                              precision_recall=args.bootstrap_precision_recall)
-    out = {"num_resamples": args.bootstrap, "seed": args.bootstrap_seed,
-           "interval": "95% = value +- 1.96 bootstrap std (samples resampled, reference fixed)"}
-    for metric, d in draws.items():
-        value = results[metric]
-        out[metric] = {"value": value, "std": d["std"], "ci_low": value - metrics.Z95 * d["std"],
-                       "ci_high": value + metrics.Z95 * d["std"]}
-    return out
+    intervals = metrics.bootstrap(ref, sample_acts, args.bootstrap, args.bootstrap_seed, device=device,
+                                  precision_recall=args.bootstrap_precision_recall, values=results)
+    return {"num_resamples": args.bootstrap, "seed": args.bootstrap_seed,
+            "interval": "95% = value +- 1.96 bootstrap std (samples resampled, reference fixed)", **intervals}
 
 
 def bootstrap_lines(boot: dict) -> list[str]:

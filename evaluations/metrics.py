@@ -502,15 +502,20 @@ def _resampled(terms: dict, counts: torch.Tensor, device: torch.device, batch: i
     return {m: torch.cat(v).numpy() for m, v in out.items()}
 
 
-def _resampled_precision_recall(ref: dict, sample: dict, counts: torch.Tensor, k: int, device) -> dict:
-    """Precision and recall per resample. The reference manifold is fixed, so precision is the
-    count-weighted share of samples inside it. The sample manifold is rebuilt from the resample's
-    unique rows (a repeated row would have a k-NN radius of zero), which costs a k-NN search each."""
+def _add_precision_recall(ref: dict, sample: dict, counts: torch.Tensor, k: int, device, values: dict,
+                          draws: dict) -> None:
+    """Full-set precision and recall into `values` (as `precision_recall`), per resample into `draws`.
+
+    The reference manifold is fixed, so a resample's precision is the count-weighted share of
+    samples inside it. The sample manifold is rebuilt from the resample's unique rows (a
+    repeated row would have a k-NN radius of zero), which costs a k-NN search each."""
     ref_pool = _features(ref.get("pool"), "ref pool", min_rows=k + 1)
     pool = _features(sample["pool"], "sample pool", dim=ref_pool.shape[1], min_rows=k + 1)
     ref_radii = manifold_radii(ref_pool, k, device=device)
-    sample_in, _ = manifold_membership(ref_pool, ref_radii, pool, manifold_radii(pool, k, device=device),
-                                       device=device)
+    sample_in, ref_in = manifold_membership(ref_pool, ref_radii, pool, manifold_radii(pool, k, device=device),
+                                            device=device)
+    values["precision"] = float(np.mean(sample_in, dtype=np.float64))
+    values["recall"] = float(np.mean(ref_in, dtype=np.float64))
     precision = counts.double().numpy() @ sample_in.astype(np.float64) / len(pool)
     recall = []
     for c in counts.numpy():
@@ -518,19 +523,10 @@ def _resampled_precision_recall(ref: dict, sample: dict, counts: torch.Tensor, k
         if len(unique) <= k:
             raise ValueError(f"a resample has only {len(unique)} distinct rows; precision/recall need more than "
                              f"k={k}: use more samples or leave precision/recall out")
-        _, ref_in = manifold_membership(ref_pool, ref_radii, unique, manifold_radii(unique, k, device=device),
-                                        device=device)
-        recall.append(float(np.mean(ref_in, dtype=np.float64)))
-    return {"precision": precision, "recall": np.asarray(recall)}
-
-
-_precision_recall = precision_recall  # the bootstrap functions' flag of the same name hides it
-
-
-def _add_precision_recall(ref: dict, sample: dict, counts: torch.Tensor, k: int, device, values: dict,
-                          draws: dict) -> None:
-    values["precision"], values["recall"] = _precision_recall(ref["pool"], sample["pool"], k=k, device=device)
-    draws.update(_resampled_precision_recall(ref, sample, counts, k, device))
+        _, ref_inside = manifold_membership(ref_pool, ref_radii, unique, manifold_radii(unique, k, device=device),
+                                            device=device)
+        recall.append(float(np.mean(ref_inside, dtype=np.float64)))
+    draws.update({"precision": precision, "recall": np.asarray(recall)})
 
 
 def _interval(value: float, std: float) -> tuple[float, float]:
@@ -539,7 +535,7 @@ def _interval(value: float, std: float) -> tuple[float, float]:
 
 def bootstrap(ref: dict, sample: dict, num_resamples: int = 100, seed: int = 0, *,
               precision_recall: bool = False, split_size: int = 5000, k: int = 3, fid_method: str = "eigh",
-              batch: int = 8, device=None) -> dict[str, dict[str, float]]:
+              batch: int = 8, device=None, values: dict | None = None) -> dict[str, dict[str, float]]:
     """Bootstrap uncertainty of the metrics of one sample set against a fixed reference.
 
     ref / sample: the dicts `compute_all` takes, any feature dimension: fid needs `pool` in the
@@ -554,18 +550,21 @@ def bootstrap(ref: dict, sample: dict, num_resamples: int = 100, seed: int = 0, 
     95 % interval value +- 1.96 std. Not a percentile interval: resampling repeats rows, which
     lowers the effective N, so FID's bootstrap distribution sits above the value and its
     percentiles can miss the value entirely; its spread is still the sampling noise of the value.
-    Deterministic for a given seed, on any device.
+    Deterministic for a given seed, on any device. `values`: the full-set metrics if already
+    computed (`compute_all`'s dict); they become the centres and are not computed again.
     """
     _check_resamples(num_resamples)
     dev = _device(device)
     terms = _bootstrap_terms(ref, sample, "sample", dev, split_size)
     counts = resample_counts(_num_rows(sample), num_resamples, seed, split_size)
-    values = _full_values(sample, terms, split_size, fid_method)
+    full = _full_values(sample, terms, split_size, fid_method) if values is None else {m: values[m] for m in terms}
     draws = _resampled(terms, counts, dev, batch)
     if precision_recall:
-        _add_precision_recall(ref, sample, counts, k, dev, values, draws)
+        _add_precision_recall(ref, sample, counts, k, dev, full, draws)
+    if values is not None:
+        full.update({m: values[m] for m in full if m in values})
     out = {}
-    for metric, value in values.items():
+    for metric, value in full.items():
         std = float(np.std(draws[metric], ddof=1))
         low, high = _interval(value, std)
         out[metric] = {"value": float(value), "std": std, "ci_low": low, "ci_high": high}

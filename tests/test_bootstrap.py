@@ -123,6 +123,18 @@ def test_precision_recall_behind_the_flag(ref):
     assert out["precision"]["std"] > 0 and out["recall"]["std"] > 0
 
 
+def test_given_values_are_the_centres_and_leave_the_spread_alone(ref):
+    rng = np.random.default_rng(9)
+    sample, small_ref = {"pool": gaussian(rng, 60, 0.2)}, {"pool": ref[:80]}
+    plain = M.bootstrap(small_ref, sample, 10, precision_recall=True)
+    given = {"fid": 12.5, "precision": 0.25, "recall": 0.75, "unused": 1.0}  # e.g. compute_all's dict
+    centred = M.bootstrap(small_ref, sample, 10, precision_recall=True, values=given)
+    assert set(centred) == set(plain) == {"fid", "precision", "recall"}
+    for metric, d in centred.items():
+        assert d["value"] == given[metric] and d["std"] == plain[metric]["std"]
+        assert d["ci_low"] == pytest.approx(given[metric] - M.Z95 * d["std"])
+
+
 def test_bad_inputs_are_clear_errors(ref):
     rng = np.random.default_rng(8)
     good = {"pool": gaussian(rng, 20)}
