@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from softcfg_patch.cache import StaticKVCache, causal_attention
 from softcfg_patch.checkpoint import load_model
+from softcfg_patch.run import registry
 from softcfg_patch.layers import RMSNorm, apply_rotary, rotary_table
 from softcfg_patch.step import at_step
 
@@ -140,8 +141,7 @@ class ARModel(nn.Module):
         return self.output(self.norm(x))
 
 
-GENERATOR_SOURCE = ("the AliTok release (github.com/ali-vilab/alitok, README 'Download Trained "
-                    "Models': alitok_b.bin, alitok_l.bin, alitok_xl.bin)")
+GENERATOR_SOURCE = registry.get("alitok").source("experiment.generator_checkpoint")
 
 
 def load_generator(config, path) -> ARModel:

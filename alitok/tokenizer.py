@@ -19,11 +19,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from softcfg_patch.checkpoint import load_model
+from softcfg_patch.run import registry
 from softcfg_patch.layers import to_uint8_hwc
 
-WEIGHTS_SOURCE = ("the AliTok release (github.com/ali-vilab/alitok, README 'Download Trained Models': "
-                  "the tokenizer weight AliTok.pth, Google Drive "
-                  "https://drive.google.com/file/d/1Rir4QEJ_HTvZkhcnw9MTfWlSFemcGVIW)")
+WEIGHTS_SOURCE = registry.get("alitok").source("experiment.tokenizer_checkpoint")
 
 
 class Attention(nn.Module):

@@ -24,10 +24,9 @@ from softcfg_patch.step import at_step
 # The same arithmetic as AliTok's (a grid with no 1-D prefix and one all-zero condition row).
 from softcfg_patch.layers import RMSNorm, apply_rotary, rotary_table
 from softcfg_patch.checkpoint import CheckpointError, load_model, read_state_dict
+from softcfg_patch.run import registry
 
-HF_REPO = "https://huggingface.co/FoundationVision/LlamaGen"
-WEIGHTS_SOURCE = (f"the LlamaGen Hugging Face repo {HF_REPO} (c2i_B_256.pt, c2i_B_384.pt, c2i_L_256.pt, "
-                  f"c2i_L_384.pt, c2i_XL_384.pt, c2i_XXL_384.pt, c2i_3B_384.pt)")
+WEIGHTS_SOURCE = registry.get("llamagen").source("experiment.generator_checkpoint")
 # Upstream loads with strict=False. These upstream buffers can sit in a saved state dict
 # (an older rotary buffer; the KV cache and mask if setup_caches() ran before saving);
 # they hold no learned weights, so they are dropped and named.
@@ -222,7 +221,7 @@ def _check_is_llamagen(state: dict, gen, path) -> None:
     if embed is None or "cls_embedding.embedding_table.weight" not in state:
         sample = ", ".join(sorted(state)[:3])
         raise CheckpointError(f"'{path}' is not a LlamaGen class-conditional GPT checkpoint (no tok_embeddings/"
-                              f"cls_embedding keys; it starts with {sample}); pass a c2i_*.pt file from {HF_REPO}")
+                              f"cls_embedding keys; it starts with {sample}); pass a c2i_*.pt file from {WEIGHTS_SOURCE}")
     n_layer = len({k.split(".")[1] for k in state if k.startswith("layers.")})
     if embed.shape[1] != gen.dim or n_layer != gen.n_layer:
         sizes = {768: "b", 1024: "l", 1280: "xl", 1536: "xxl", 3200: "3b"}

@@ -22,9 +22,9 @@ import torch.nn.functional as F
 
 from softcfg_patch import layers
 from softcfg_patch.checkpoint import load_model
+from softcfg_patch.run import registry
 
-HF_REPO = "https://huggingface.co/FoundationVision/LlamaGen"
-WEIGHTS_SOURCE = f"the LlamaGen Hugging Face repo {HF_REPO} (file vq_ds16_c2i.pt)"
+WEIGHTS_SOURCE = registry.get("llamagen").source("experiment.tokenizer_checkpoint")
 BASE_CHANNELS, NUM_RES_BLOCKS, GN_GROUPS, GN_EPS = 128, 2, 32, 1e-6
 CODEBOOK_USAGE_LEN = 65536  # length of the (inference-unused) codebook_used buffer
 

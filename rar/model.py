@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from softcfg_patch.cache import StaticKVCache, causal_attention
 from softcfg_patch.checkpoint import load_model
+from softcfg_patch.run import registry
 
 LN_EPS = 1e-6
 PREFIX = 2  # cls + class condition, the positions before x_0
@@ -186,8 +187,7 @@ class RAR(nn.Module):
         return torch.where(predicts[:, None], rows, torch.zeros_like(rows))[None]
 
 
-GENERATOR_SOURCE = ("Hugging Face yucornetto/RAR (rar_b.bin, rar_l.bin, rar_xl.bin, rar_xxl.bin; "
-                    "see bytedance/1d-tokenizer README_RAR.md)")
+GENERATOR_SOURCE = registry.get("rar").source("experiment.generator_checkpoint")
 
 
 def load_generator(config, path) -> RAR:

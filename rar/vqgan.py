@@ -23,12 +23,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from softcfg_patch.checkpoint import load_model
+from softcfg_patch.run import registry
 from softcfg_patch.layers import to_uint8_hwc
 
 WEIGHTS_FILE = "maskgit-vqgan-imagenet-f16-256.bin"
-WEIGHTS_SOURCE = (f"HuggingFace, repo fun-research/TiTok, file {WEIGHTS_FILE} "
-                  f"(https://huggingface.co/fun-research/TiTok/blob/main/{WEIGHTS_FILE}; the "
-                  f"bytedance/1d-tokenizer README_RAR.md fetches it with hf_hub_download)")
+WEIGHTS_SOURCE = registry.get("rar").source("model.vq_model.pretrained_tokenizer_weight")
 GN_GROUPS, GN_EPS = 32, 1e-6
 
 

@@ -69,6 +69,10 @@ class ModelFamily:
         module, _, attribute = getattr(self, what).partition(":")
         return getattr(importlib.import_module(module), attribute)
 
+    def source(self, key: str) -> str:
+        """Where the checkpoint at config `key` is downloaded (the one text every message uses)."""
+        return next(c.source for c in self.checkpoints if c.key == key)
+
     def config_name(self, size: str) -> str:
         return f"{self.name}_{size}"
 
@@ -135,7 +139,9 @@ register(ModelFamily(
                    "alitok_b.bin, alitok_l.bin, alitok_xl.bin)"),
         Checkpoint("experiment.tokenizer_checkpoint", "AliTok tokenizer checkpoint",
                    "the AliTok release (github.com/ali-vilab/alitok, README 'Download Trained Models': "
-                   "AliTok.pth)", decoder_only=True, manifest_name="tokenizer")),
+                   "the tokenizer weight AliTok.pth, Google Drive "
+                   "https://drive.google.com/file/d/1Rir4QEJ_HTvZkhcnw9MTfWlSFemcGVIW)",
+                   decoder_only=True, manifest_name="tokenizer")),
     batch_size=125, smoke_config="tests/configs/alitok_tiny.yaml", example_config="configs/alitok_xl.yaml",
     sweep_grid=("7 9 11 13", "1.4 1.5"),  # around the known optima (9/1.5, 13/1.4)
 ))
@@ -152,7 +158,9 @@ register(ModelFamily(
                    "Hugging Face yucornetto/RAR (rar_b.bin, rar_l.bin, rar_xl.bin, rar_xxl.bin; see "
                    "bytedance/1d-tokenizer README_RAR.md)"),
         Checkpoint("model.vq_model.pretrained_tokenizer_weight", "MaskGIT-VQGAN checkpoint",
-                   "Hugging Face fun-research/TiTok (maskgit-vqgan-imagenet-f16-256.bin)",
+                   "HuggingFace, repo fun-research/TiTok, file maskgit-vqgan-imagenet-f16-256.bin "
+                   "(https://huggingface.co/fun-research/TiTok/blob/main/maskgit-vqgan-imagenet-f16-256.bin; "
+                   "the bytedance/1d-tokenizer README_RAR.md fetches it with hf_hub_download)",
                    decoder_only=True, manifest_name="tokenizer")),
     batch_size=50, smoke_config="tests/configs/rar_tiny.yaml", example_config="configs/rar_xl.yaml",
     sweep_grid=("4.5 6.5 8.5", "1.01 1.5"),  # around RAR-L SoftCFG's 6.5/1.01
@@ -181,7 +189,7 @@ register(ModelFamily(
                    f"{LLAMAGEN_HF} (c2i_B_256.pt, c2i_B_384.pt, c2i_L_256.pt, c2i_L_384.pt, c2i_XL_384.pt, "
                    f"c2i_XXL_384.pt, c2i_3B_384.pt)"),
         Checkpoint("experiment.tokenizer_checkpoint", "LlamaGen VQ-16 checkpoint",
-                   f"{LLAMAGEN_HF} (vq_ds16_c2i.pt)", decoder_only=True, manifest_name="tokenizer")),
+                   f"{LLAMAGEN_HF} (file vq_ds16_c2i.pt)", decoder_only=True, manifest_name="tokenizer")),
     batch_size=32, smoke_config="tests/configs/llamagen_tiny.yaml", example_config="configs/llamagen_xl.yaml",
     sweep_grid=("1.5 1.75 2.0 2.5", "0"),  # constant scales around upstream's 1.65-2.0
     sample={"image_size_eval": Option(int, 256, "side of the saved images: decoded at the model's resolution, "
