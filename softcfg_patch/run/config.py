@@ -179,12 +179,19 @@ def _split_args(argv: Sequence[str]) -> tuple:
     return config_path, overrides, want_help
 
 
+def find_file(path: str) -> tuple[Optional[Path], list[Path]]:
+    """(the file, or None; the places tried): a relative path is tried from the current
+    folder, then from the repository root. Every input path (configs, checkpoints) is found so."""
+    candidates = [Path(path)] if Path(path).is_absolute() else list(dict.fromkeys([Path.cwd() / path,
+                                                                                  REPO_ROOT / path]))
+    return next((c.resolve() for c in candidates if c.is_file()), None), candidates
+
+
 def resolve_config_path(path: str) -> Path:
     """A relative path is tried from the current folder, then from the repository root."""
-    candidates = [Path(path)] if Path(path).is_absolute() else [Path.cwd() / path, REPO_ROOT / path]
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate
+    found, candidates = find_file(path)
+    if found is not None:
+        return found
     raise ConfigError(f"config file not found: {path} (looked in {', '.join(map(str, candidates))}). "
                       f"Pass a path like configs/alitok_xl.yaml")
 

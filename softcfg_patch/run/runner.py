@@ -42,18 +42,11 @@ from ..precision import cpu_has_fast_bf16, store_linear_weights, tf32
 from ..sampler import generate
 from . import manifest as mf
 from . import output as io
-from .config import REPO_ROOT, Sample, parse_cli
+from .config import REPO_ROOT, Sample, find_file, parse_cli
 from .registry import Checkpoint, ModelFamily, get
 
 
 # ------------------------------------------------------------------------- inputs
-def resolve_input_path(path: str) -> tuple[Optional[Path], list[Path]]:
-    """Like --config: a relative path is tried from the current folder, then the repository root."""
-    candidates = [Path(path)] if Path(path).is_absolute() else list(dict.fromkeys([Path.cwd() / path,
-                                                                                  REPO_ROOT / path]))
-    return next((c.resolve() for c in candidates if c.is_file()), None), candidates
-
-
 def check_inputs(config: DictConfig, inputs: Sequence[Checkpoint], want_decoder: bool) -> None:
     """Resolve every input path in `config` (in place); one ConfigError listing every problem."""
     problems = []
@@ -65,7 +58,7 @@ def check_inputs(config: DictConfig, inputs: Sequence[Checkpoint], want_decoder:
             problems.append(f"{item.what} is not set (get it from {item.source} and pass --{item.key}=PATH"
                             + (", or sample.tokens_only=True)" if item.decoder_only else ")"))
             continue
-        found, tried = resolve_input_path(str(raw))
+        found, tried = find_file(str(raw))  # like --config: the current folder, then the repo root
         if found is None:
             problems.append(f"{item.what} '{raw}' not found (tried {', '.join(map(str, tried))}; get it from "
                             f"{item.source} and pass --{item.key}=PATH)")
