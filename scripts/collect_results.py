@@ -219,12 +219,12 @@ def add_paired_deltas(groups: list, folder: Path, baseline: str, num_resamples: 
 
 def combine(deltas: list) -> dict:
     """Mean delta over independent seeds; its std is sqrt(sum std_i^2) / n."""
+    from evaluations.metrics import Z95, two_sided_p  # torch only when pairs are combined
     n = len(deltas)
     delta = sum(d["delta"] for d in deltas) / n
     std = math.sqrt(sum(d["std"] ** 2 for d in deltas)) / n
-    p = math.erfc(abs(delta) / std / math.sqrt(2)) if std > 0 else float(delta == 0)
-    return {"delta": delta, "std": std, "ci_low": delta - 1.959964 * std, "ci_high": delta + 1.959964 * std,
-            "p_value": p, "n_seeds": n}
+    return {"delta": delta, "std": std, "ci_low": delta - Z95 * std, "ci_high": delta + Z95 * std,
+            "p_value": two_sided_p(delta, std), "n_seeds": n}
 
 
 def paired_result(folder: Path, base: dict, row: dict, num_resamples: int, device: str, networks: dict):
@@ -235,8 +235,6 @@ def paired_result(folder: Path, base: dict, row: dict, num_resamples: int, devic
     missing = [p for p in (base["samples"], row["samples"]) if not Path(p).is_file()]
     if missing:
         return f"{row['method']} seed {row['seed']}: samples deleted ({Path(missing[0]).name})"
-    repo = Path(__file__).resolve().parents[1]
-    sys.path.insert(0, str(repo))
     from evaluations import compare, evaluator  # torch only when pairs are asked for
     argv = [row["reference"]["path"], base["samples"], row["samples"], "--bootstrap", str(num_resamples),
             "--device", device, "--image-size", "0"]
