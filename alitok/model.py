@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from softcfg_patch.cache import StaticKVCache, causal_attention
 from softcfg_patch.checkpoint import load_model
 from softcfg_patch.run import registry
-from softcfg_patch.layers import RMSNorm, apply_rotary, rotary_table
+from softcfg_patch.layers import RMSNorm, SwiGLU, apply_rotary, rotary_table
 from softcfg_patch.step import at_step
 
 
@@ -41,17 +40,8 @@ class Attention(nn.Module):
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, T, C)))
 
 
-class SwiGLU(nn.Module):
-    def __init__(self, dim: int, drop: float = 0.0) -> None:
-        super().__init__()
-        hidden = -(-int(8 * dim / 3) // 256) * 256  # int(8D/3) rounded up to a multiple of 256
-        self.w1 = nn.Linear(dim, hidden, bias=False)
-        self.w3 = nn.Linear(dim, hidden, bias=False)
-        self.w2 = nn.Linear(hidden, dim, bias=False)
-        self.drop = nn.Dropout(drop)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+def mlp_hidden_size(dim: int) -> int:
+    return -(-int(8 * dim / 3) // 256) * 256  # int(8D/3) rounded up to a multiple of 256
 
 
 class Block(nn.Module):
@@ -60,7 +50,7 @@ class Block(nn.Module):
         self.norm1 = RMSNorm(dim)
         self.attn = Attention(dim, num_heads, attn_drop, drop)
         self.norm2 = RMSNorm(dim)
-        self.mlp = SwiGLU(dim, drop)
+        self.mlp = SwiGLU(dim, mlp_hidden_size(dim), drop)
 
     def forward(self, x, rope, cache=None, layer=0):
         x = x + self.attn(self.norm1(x), rope, cache, layer)

@@ -17,12 +17,11 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from softcfg_patch.cache import StaticKVCache, causal_attention
 from softcfg_patch.step import at_step
 # The same arithmetic as AliTok's (a grid with no 1-D prefix and one all-zero condition row).
-from softcfg_patch.layers import RMSNorm, apply_rotary, rotary_table
+from softcfg_patch.layers import RMSNorm, SwiGLU, apply_rotary, rotary_table
 from softcfg_patch.checkpoint import CheckpointError, load_model, read_state_dict
 from softcfg_patch.run import registry
 
@@ -66,22 +65,11 @@ class Attention(nn.Module):
         return self.wo(out.transpose(1, 2).reshape(B, T, self.dim))
 
 
-class FeedForward(nn.Module):
-    def __init__(self, dim: int, hidden: int) -> None:
-        super().__init__()
-        self.w1 = nn.Linear(dim, hidden, bias=False)
-        self.w3 = nn.Linear(dim, hidden, bias=False)
-        self.w2 = nn.Linear(hidden, dim, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
-
-
 class TransformerBlock(nn.Module):
     def __init__(self, dim: int, n_head: int, n_kv_head: int, ffn_hidden: int, norm_eps: float) -> None:
         super().__init__()
         self.attention = Attention(dim, n_head, n_kv_head)
-        self.feed_forward = FeedForward(dim, ffn_hidden)
+        self.feed_forward = SwiGLU(dim, ffn_hidden)
         self.attention_norm = RMSNorm(dim, eps=norm_eps)
         self.ffn_norm = RMSNorm(dim, eps=norm_eps)
 

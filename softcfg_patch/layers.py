@@ -1,13 +1,14 @@
 """Building blocks shared by several model families (not part of the method).
 
 A family package imports these instead of another family's files, so no family
-depends on another: RMSNorm, interleaved rotary embeddings with a 2-D grid table, and
-the decoder-output -> uint8 image conversion.
+depends on another: RMSNorm, the SwiGLU MLP, interleaved rotary embeddings with a 2-D
+grid table, and the decoder-output -> uint8 image conversion.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 
 class RMSNorm(nn.Module):
@@ -21,6 +22,20 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+class SwiGLU(nn.Module):
+    """w2(silu(w1 x) * w3 x), bias-free (the Llama MLP; AliTok and LlamaGen key it w1/w2/w3)."""
+
+    def __init__(self, dim: int, hidden: int, drop: float = 0.0) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.w2(F.silu(self.w1(x)) * self.w3(x)))
 
 
 def rotary_table(head_dim: int, prefix_len: int = 17, grid_size: int = 16,
