@@ -39,3 +39,12 @@ usage_error() {
   echo "$1" >&2
   exit 2
 }
+
+# sweep_grid MODEL: two lines, the default scales and schedule powers of MODEL's family (its
+# registry entry, softcfg_patch/run/registry.py); a message and status 2 for an unknown MODEL.
+sweep_grid() {
+  (cd "$REPO" && "$PYTHON" -c 'import sys; from softcfg_patch.run import registry as r
+m = sys.argv[1]
+if m not in r.model_names(): sys.exit("MODEL must be one of " + " ".join(r.model_names()) + f", got {m!r}")
+print("\n".join(r.get(m).sweep_grid))' "$1")
+}

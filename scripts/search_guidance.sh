@@ -15,9 +15,10 @@ MODEL="${1:-}"
 [[ "$MODEL" =~ ^(alitok_(b|l|xl)|rar_(b|l|xl|xxl))$ ]] || \
   usage_error "usage: scripts/search_guidance.sh MODEL (alitok_{b,l,xl} or rar_{b,l,xl,xxl}; got '${MODEL}')"
 if [[ "${SMOKE:-0}" == 1 ]]; then SCALES="${SCALES:-9 13}"; STRENGTHS="${STRENGTHS:-0 1}"; fi  # 4 points
+SCALES="${SCALES:-$(sweep_grid "$MODEL" | sed -n 1p)}"  # the family's grid (registry)
 case "$MODEL" in
-  alitok_*) SCALES="${SCALES:-7 9 11 13}"; POW="${POW:-1.5}" ;;
-  rar_*)    SCALES="${SCALES:-4.5 6.5 8.5}"; POW="${POW:-1.01}" ;;
+  alitok_*) POW="${POW:-1.5}" ;;
+  rar_*)    POW="${POW:-1.01}" ;;
 esac
 STRENGTHS="${STRENGTHS:-0 0.5 1 2}"
 if [[ "${SMOKE:-0}" == 1 ]]; then

@@ -7,11 +7,7 @@
 source "$(dirname "$0")/common.sh"
 [[ $# -eq 0 ]] || usage_error "usage: [MODEL=... SCALES=\"...\" POWS=\"...\"] scripts/sweep.sh"
 MODEL="${MODEL:-alitok_xl}"
-# The default grid of each model family is in its registry entry (softcfg_patch/run/registry.py).
-grid="$(cd "$REPO" && "$PYTHON" -c 'import sys; from softcfg_patch.run import registry as r
-m = sys.argv[1]
-if m not in r.model_names(): sys.exit("MODEL must be one of " + " ".join(r.model_names()) + f", got {m!r}")
-print("\n".join(r.get(m).sweep_grid))' "$MODEL")" || exit 2
+grid="$(sweep_grid "$MODEL")" || exit 2
 SCALES="${SCALES:-$(sed -n 1p <<< "$grid")}"
 POWS="${POWS:-$(sed -n 2p <<< "$grid")}"
 table="sweep_$MODEL"
