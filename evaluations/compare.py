@@ -35,9 +35,8 @@ from softcfg_patch.errors import SoftCFGError
 
 PAIRING_KEYS = ("sample.seed", "sample.per_proc_batch_size")
 LOWER_IS_BETTER = {"fid": True, "sfid": True, "inception_score": False, "precision": False, "recall": False}
-LABELS = {"fid": "FID", "sfid": "sFID", "inception_score": "Inception Score", "precision": "Precision",
-          "recall": "Recall"}
-DIGITS = {"inception_score": 2}
+LABELS = {key: label for label, key, _ in E.BOOTSTRAP_LINES}
+DIGITS = {key: digits for _, key, digits in E.BOOTSTRAP_LINES}
 
 
 class PairingError(SoftCFGError, ValueError):
@@ -199,8 +198,7 @@ def compare(args: argparse.Namespace, network: tuple | None = None) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        if args.json and not Path(args.json).resolve().parent.is_dir():
-            raise FileNotFoundError(f"--json {args.json}: folder {Path(args.json).resolve().parent} does not exist")
+        E.check_json_target(args.json)
         result = compare(args)
     except (SoftCFGError, ValueError, OSError, zipfile.BadZipFile) as err:
         print(f"error: {err}", file=sys.stderr)

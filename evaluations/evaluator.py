@@ -292,10 +292,15 @@ def _precomputed_stats(images: NpzImages) -> dict:
     return stats
 
 
+def check_json_target(path: str | None) -> None:
+    """--json's folder must exist before any work is done (the result is written at the end)."""
+    if path and not Path(path).resolve().parent.is_dir():
+        raise FileNotFoundError(f"--json {path}: folder {Path(path).resolve().parent} does not exist")
+
+
 def evaluate(args: argparse.Namespace) -> tuple[dict, dict]:
     """Run the whole evaluation; returns (the five metrics, the settings used)."""
-    if args.json and not Path(args.json).resolve().parent.is_dir():
-        raise FileNotFoundError(f"--json {args.json}: folder {Path(args.json).resolve().parent} does not exist")
+    check_json_target(args.json)
     size = args.image_size or None
     with NpzImages(args.ref_batch, size, role="reference") as ref, \
             NpzImages(args.sample_batch, size, role="sample") as sample:

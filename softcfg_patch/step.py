@@ -39,7 +39,7 @@ __all__ = ["Schedule", "cfg_enabled", "softcfg_enabled", "rng_preamble", "mix", 
 def cfg_enabled(model, guidance: Guidance) -> bool:
     """Whether the [cond; uncond] rows run: the model's `guidance_is_off` rule, else scale != 0."""
     is_off = getattr(model, "guidance_is_off", None)
-    return not (is_off(guidance.guidance_scale) if is_off is not None else not guidance.uses_cfg)
+    return not is_off(guidance.guidance_scale) if is_off is not None else guidance.uses_cfg
 
 
 def softcfg_enabled(model, guidance: Guidance) -> bool:
