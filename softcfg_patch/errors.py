@@ -27,16 +27,25 @@ class MissingFileError(SoftCFGError, FileNotFoundError):
     """A file the run needs is not there (nothing is downloaded automatically)."""
 
 
+def report(err: SoftCFGError, printed: bool = False) -> SoftCFGError:
+    """Print `error: ...` now (unless `printed`: another process has) and mark `err` as
+    reported, so `exit_on_error` does not print it again; returns `err` to raise."""
+    if not printed:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+    err.reported = True
+    return err
+
+
 @contextmanager
 def exit_on_error(show=lambda: True) -> Iterator[None]:
     """Turn a SoftCFGError into `error: ...` on stderr and exit status 2; a `with` block or
     a decorator (`@exit_on_error()` over a script's `main`).
 
-    `show()` decides whether this process prints (rank 0 of a distributed run does).
+    `show()` decides whether this process prints; an error already `report`ed is not printed again.
     """
     try:
         yield
     except SoftCFGError as err:
-        if show():
+        if show() and not getattr(err, "reported", False):
             print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

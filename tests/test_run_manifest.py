@@ -57,8 +57,9 @@ def copy_run(single_run, dest):
 
 
 def snapshot(out):
+    """Every file of a finished run (the lock file records its latest holder, so it is left out)."""
     files = list(out.iterdir()) + [p for p in (out.parent / f"{out.name}.npz",) if p.exists()]
-    return {p.name: p.read_bytes() for p in files if p.is_file()}
+    return {p.name: p.read_bytes() for p in files if p.is_file() and p.name != ".lock"}
 
 
 # ------------------------------------------------------------- manifest, pure functions

@@ -30,6 +30,8 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 PRECISIONS = ("fp32", "tf32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 LABELS = ("balanced", "random")
+SEED_LIMIT = 2 ** 63
+MAX_SAMPLES = 10 ** 8  # 2000 times ADM's 50,000; beyond it a typo, not a plan
 
 # Upstream config keys that only matter for training. They are dropped when a config is
 # read, so `--help` lists only options that change something.
@@ -357,6 +359,11 @@ def validate(config: DictConfig) -> None:
         if s[name] < minimum:
             what = "a positive whole number" if minimum == 1 else f"a whole number >= {minimum}"
             raise ConfigError(f"sample.{name} must be {what}, got {s[name]!r}")
+    if s.seed >= SEED_LIMIT:  # the per-batch seeds are taken mod 2^63: a larger seed repeats a smaller one
+        raise ConfigError(f"sample.seed must be below 2^63 = {SEED_LIMIT}, got {s.seed}")
+    if s.num_fid_samples > MAX_SAMPLES:
+        raise ConfigError(f"sample.num_fid_samples={s.num_fid_samples} is more than this sampler takes "
+                          f"({MAX_SAMPLES:,} at most; ADM results use 50,000): check the number")
     for name, choices in (("precision", PRECISIONS), ("device", DEVICES), ("labels", LABELS)):
         if s[name] not in choices:
             raise ConfigError(f"sample.{name} must be one of {', '.join(choices)}, got {s[name]!r}")

@@ -4,9 +4,9 @@ manifest and the npz archives. Every file is written to a temporary name and ren
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import re
-import shutil
 import sys
 import time
 import zipfile
@@ -183,14 +183,26 @@ def npz_manifest(npz_path: Path) -> Optional[dict]:
                           f"pass sample.overwrite=True to replace it") from err
 
 
+PNG_NAME = r"\d{6,}\.png"
+TOKENS_NAME = r"batch_\d{6,}\.npy"
+
+
+def _ours(name: str) -> str:
+    """The name pattern of a file of ours, or of atomic_write's temporary of it."""
+    return rf"(?:{name}|\.(?:{name})\.\d+\.tmp)"
+
+
 def output_files(out: Path) -> list[Path]:
-    """Every file a run of ours writes for this output_dir (PNGs, tokens, manifest, npz files)."""
+    """Every file a run of ours writes for this output_dir, and nothing else: PNGs, token
+    batches, the manifest, the npz files and the temporaries of each (a user's own files in
+    the folder, or a PNG of another name, are not ours). The lock file is not listed."""
     files = []
-    if out.is_dir():
-        files += [p for p in out.iterdir() if re.fullmatch(r"\d{6,}\.png|\.\d{6,}\.png\.\d+\.tmp", p.name)]
-        files += sorted((out / "tokens").glob("batch_*.npy")) if (out / "tokens").is_dir() else []
-        files += [manifest_path(out)] if manifest_path(out).is_file() else []
-    files += [p for p in (Path(f"{out}.npz"), Path(f"{out}_tokens.npz")) if p.is_file()]
+    for folder, pattern in ((out, _ours(PNG_NAME) + "|" + _ours(re.escape(mf.FILENAME))),
+                            (out / "tokens", _ours(TOKENS_NAME)),
+                            (out.parent, _ours(re.escape(f"{out.name}.npz")) + "|" +
+                             _ours(re.escape(f"{out.name}_tokens.npz")))):
+        if folder.is_dir():
+            files += sorted(p for p in folder.iterdir() if re.fullmatch(pattern, p.name) and p.is_file())
     return files
 
 
@@ -220,8 +232,8 @@ def prepare_output(out: Path, manifest: dict, overwrite: bool) -> tuple[dict, st
     note = "new run"
     if overwrite and existing:
         for path in existing:
-            path.unlink()
-        shutil.rmtree(out / "tokens", ignore_errors=True)
+            path.unlink(missing_ok=True)
+        _remove_if_empty(out / "tokens")
         note = f"sample.overwrite=True: removed {len(existing)} files of the previous run"
     elif existing and old is None:
         raise ConfigError(f"output_dir '{out}' holds samples but no manifest (made by an older version?), so "
@@ -232,6 +244,13 @@ def prepare_output(out: Path, manifest: dict, overwrite: bool) -> tuple[dict, st
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(manifest_path(out), lambda tmp: tmp.write_text(mf.to_json(manifest)))
     return manifest, note
+
+
+def _remove_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:  # absent, or it holds files that are not ours
+        pass
 
 
 def _continue(out: Path, old: dict, manifest: dict) -> tuple[dict, str]:
@@ -274,3 +293,79 @@ def check_manifest_unchanged(out: Path, manifest: dict) -> str:
                           f"({mf.describe_differences(on_disk, manifest)}); the npz was not written. "
                           f"Give each run its own --experiment.output_dir")
     return text
+
+
+# ------------------------------------------------------------------ whose files these are
+def batch_files(out: Path, k: int, indices: range, want_png: bool, want_tokens: bool) -> list[Path]:
+    """The files of batch k: its token batch, then its PNGs in order."""
+    return [token_path(out, k)] * want_tokens + [png_path(out, i) for i in indices] * want_png
+
+
+def batches_on_disk(out: Path, plan, want_png: bool, want_tokens: bool) -> int:
+    """How many batches of `plan` look finished: their last file is complete (a cheap count for
+    messages; resuming checks every file)."""
+    def last_file_done(k: int) -> bool:
+        last = batch_files(out, k, plan[k], want_png, want_tokens)[-1]
+        return png_complete(last) if last.suffix == ".png" else tokens_complete(last, len(plan[k]))
+    return sum(map(last_file_done, range(len(plan))))
+
+
+class Ledger:
+    """What this process wrote: one digest per batch of the (inode, size, mtime) of its files,
+    taken right after they were renamed into place.
+
+    Before the npz is written, every batch must be in the ledger of one of the run's
+    processes and unchanged, or be older than the run (resumed): a file that another process,
+    one that ignored the lock, wrote or replaced in the meantime is never mixed in.
+    """
+
+    def __init__(self, out: Path):
+        self.out, self.batches = out, {}
+
+    def record(self, k: int, files: list[Path]) -> None:
+        self.batches[k] = _digest(files)
+
+
+def _digest(files: list[Path]) -> bytes:
+    digest = hashlib.blake2b(digest_size=16)
+    for path in files:
+        st = os.stat(path)
+        digest.update(f"{path.name}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns};".encode())
+    return digest.digest()
+
+
+def _batch_is_ours(files: list[Path], digest: Optional[bytes], started_ns: int) -> bool:
+    try:
+        if digest is not None:
+            return _digest(files) == digest
+        return all(os.stat(path).st_mtime_ns <= started_ns for path in files)
+    except FileNotFoundError:
+        return False
+
+
+def check_ownership(out: Path, plan, written: dict, started_ns: int, want_png: bool, want_tokens: bool) -> None:
+    """ConfigError unless every batch of `plan` is this run's: written by it (`written`, the
+    merged ledgers) and unchanged since, or older than the run's start (`started_ns`, on the
+    folder's clock: an earlier run of the same settings, resumed).
+
+    The files of a batch that fails are moved to `out/foreign/` (kept, never mixed in), so a
+    rerun draws that batch again.
+    """
+    foreign = []
+    for k in range(len(plan)):
+        files = batch_files(out, k, plan[k], want_png, want_tokens)
+        if _batch_is_ours(files, written.get(k), started_ns):
+            continue
+        foreign.append(k)
+        for path in files:
+            if path.exists():
+                target = out / "foreign" / path.relative_to(out)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(path, target)
+    if foreign:
+        shown = ", ".join(map(str, foreign[:5])) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise ConfigError(f"the npz was not written: files of {len(foreign)} batch(es) in '{out}' (batches "
+                          f"{shown}) were written or replaced by another process while this run sampled; "
+                          f"something that ignores the folder's lock writes there, so give each run its own "
+                          f"--experiment.output_dir. Those files were moved to '{out / 'foreign'}': rerun this "
+                          f"command to draw those batches again")

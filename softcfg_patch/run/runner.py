@@ -12,22 +12,31 @@ changes the images; a rerun resumes only when it matches, skips batches whose fi
 exist and fills in only what is missing. `<output_dir>.npz` (arr_0, labels, manifest) is
 assembled at the end by streaming the PNGs into the archive, then renamed into place.
 
-Errors: every input is checked in every process before torch.distributed starts and
-before any model is built; the output folder is checked by rank 0, which alone prints.
-`main` owns the process: the process group and the TF32 flags live in `runtime()`, a
-context manager that restores them; library functions raise SoftCFGError.
+One run per folder: rank 0 holds `output_dir/.lock` (lock.py) from before it touches the
+folder until the npz is written, and every file that goes into the npz must be one this run
+wrote (or one older than the run, resumed).
+
+Errors: every process checks the config and every input before torch.distributed starts
+and before any model is built; the processes then agree on one verdict (`agree`), which rank
+0 prints, once, before anyone exits. `main` owns the process: SIGINT and SIGTERM become one
+line saying how far the run got, the process group and the TF32 flags live in `runtime()`,
+a context manager that restores them; library functions raise SoftCFGError.
 """
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import tempfile
+import threading
 import time
-from contextlib import contextmanager
+import traceback
+from collections import abc
+from contextlib import ExitStack, contextmanager
 from dataclasses import fields
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence, Union
+from typing import Callable, Iterator, Optional, Sequence, TypeVar, Union
 
 import numpy as np
 import torch
@@ -36,14 +45,17 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from ..checkpoint import html_message, looks_like_html
-from ..errors import ConfigError, SoftCFGError, exit_on_error
+from ..errors import ConfigError, SoftCFGError, exit_on_error, report
 from ..guidance import Guidance
 from ..precision import cpu_has_fast_bf16, store_linear_weights, tf32
 from ..sampler import generate
 from . import manifest as mf
 from . import output as io
 from .config import REPO_ROOT, Sample, find_file, parse_cli
+from .lock import RunLock
 from .registry import Checkpoint, ModelFamily, get
+
+T = TypeVar("T")
 
 
 # ------------------------------------------------------------------------- inputs
@@ -72,6 +84,13 @@ def check_inputs(config: DictConfig, inputs: Sequence[Checkpoint], want_decoder:
 
 def check_output_folders(out: Path) -> None:
     """output_dir must be (or become) a writable folder, and so must the npz's folder."""
+    if out.is_symlink() and not out.exists():
+        raise ConfigError(f"experiment.output_dir '{out}' is a broken symbolic link (it points to "
+                          f"'{os.readlink(out)}', which does not exist): create that folder, remove the link, "
+                          f"or pass another --experiment.output_dir")
+    if not out.name:
+        raise ConfigError(f"experiment.output_dir '{out}' has no folder name to name the npz after: pass a "
+                          f"folder such as outputs/<run>")
     if out.exists() and not out.is_dir():
         raise ConfigError(f"experiment.output_dir '{out}' is a file, not a folder: pass a folder path "
                           f"(the npz is written next to it as '{out}.npz')")
@@ -100,10 +119,61 @@ def threads_per_process(environ: dict, cpu_count: int) -> Optional[int]:
     return max(1, cpu_count // max(1, int(environ.get("LOCAL_WORLD_SIZE", "1"))))
 
 
+def rendezvous() -> Optional["dist.Store"]:
+    """The launcher's key-value store (torchrun's, or rank 0's), before any process group
+    exists; None for a single process. The process group later reuses it."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    try:
+        store, _, _ = next(dist.rendezvous("env://"))
+    except (ValueError, RuntimeError) as err:  # a launcher variable missing, the master unreachable
+        raise ConfigError(f"cannot reach the other processes of this run ({err}); start it with torchrun "
+                          f"or set RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT") from err
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")  # torchrun's store outlives a restart
+    return dist.PrefixStore(f"softcfg/verdict/{attempt}/", store)
+
+
+def agree(check: Callable[[], T], store: Optional["dist.Store"]) -> T:
+    """Run `check` in every process; if it fails anywhere, rank 0 prints every distinct reason
+    once and only then does any process exit (status 2).
+
+    Without the wait, torchrun would stop rank 0 as soon as a faster rank had exited, often
+    before rank 0 had printed anything. Reasons seen on some ranks only name those ranks.
+    """
+    if store is None:
+        return check()
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    result, message = None, ""
+    try:
+        result = check()
+    except SoftCFGError as err:
+        message = str(err)
+    except Exception as err:  # noqa: BLE001 - a bug: its traceback here, a pointer to it in the verdict
+        traceback.print_exc()
+        message = f"{type(err).__name__} on rank {rank} (traceback above)"
+    store.set(f"rank{rank}", message)
+    if rank == 0:
+        store.wait([f"rank{r}" for r in range(world)])
+        reasons: dict[str, list[int]] = {}
+        for r in range(world):
+            text = store.get(f"rank{r}").decode()
+            if text:
+                reasons.setdefault(text, []).append(r)
+        for text, ranks in reasons.items():
+            who = "" if 0 in ranks or len(ranks) == world else f"rank{'s' if len(ranks) > 1 else ''} " \
+                f"{', '.join(map(str, ranks))}: "
+            print(f"error: {who}{text}", file=sys.stderr, flush=True)
+        store.set("verdict", "fail" if reasons else "ok")
+    if store.get("verdict").decode() == "fail":  # blocks until rank 0 has printed
+        raise report(ConfigError("the inputs were refused (reported by rank 0)"), printed=True)
+    return result
+
+
 @contextmanager
-def runtime(config: DictConfig) -> Iterator[tuple[int, int, torch.device]]:
+def runtime(config: DictConfig, store: Optional["dist.Store"] = None) -> Iterator[tuple[int, int, torch.device]]:
     """(rank, world size, device) of this process: starts torch.distributed when launched by
-    torchrun, sets the threads and the TF32 flags, and undoes what it set on exit."""
+    torchrun (on `store`, the one `rendezvous` returned), sets the threads and the TF32 flags,
+    and undoes what it set on exit."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -117,7 +187,11 @@ def runtime(config: DictConfig) -> Iterator[tuple[int, int, torch.device]]:
         torch.cuda.set_device(device)
     started = world > 1 and not dist.is_initialized()
     if started:
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        backend = "nccl" if use_cuda else "gloo"
+        if store is None:
+            dist.init_process_group(backend)
+        else:
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world)
     try:
         with tf32(config.sample.precision in ("tf32", "bf16")):
             yield rank, world, device
@@ -137,32 +211,65 @@ def barrier() -> None:
         dist.barrier()
 
 
-def on_rank_zero(work: Callable[[], object]) -> object:
+def on_rank_zero(work: Callable[[], T]) -> T:
     """Run `work` on rank 0 only and share its result, or its error, with every rank.
 
-    Other ranks re-raise rank 0's error as a ConfigError without printing it (rank 0 does).
+    Rank 0 prints its error before the others learn of it (and exit), so the reason is always
+    printed; the other ranks then exit 2 without printing.
     """
     result, error = None, None
     if is_rank_zero():
         try:
             result = work()
         except Exception as err:  # noqa: BLE001 - shared below, then re-raised on rank 0
-            error = err
+            error = as_input_error(err)
+            if dist.is_initialized():
+                if isinstance(error, SoftCFGError):
+                    report(error)
+                else:
+                    traceback.print_exc()
     if dist.is_initialized():
         shared = [result, None if error is None else f"{type(error).__name__}: {error}"]
         dist.broadcast_object_list(shared, src=0)
         result, message = shared
         if message is not None and error is None:
-            raise ConfigError("(reported by rank 0)")
+            raise report(ConfigError("(reported by rank 0)"), printed=True)
     if error is not None:
         raise error
     return result
 
 
+def as_input_error(err: Exception) -> Exception:
+    """An OSError (disk full, permissions changed mid-run) as the one-line error it deserves."""
+    if isinstance(err, OSError) and not isinstance(err, SoftCFGError):
+        return ConfigError(f"{err}. Finished samples are kept: fix this and rerun the same command to resume")
+    return err
+
+
 # ---------------------------------------------------------------------------- plan
-def batch_plan(num_samples: int, batch_size: int) -> list[range]:
-    """Sample index ranges of every batch, the same whatever the world size."""
-    return [range(s, min(s + batch_size, num_samples)) for s in range(0, num_samples, batch_size)]
+class BatchPlan(abc.Sequence):
+    """The sample index range of every batch, the same whatever the world size; computed on
+    demand, so the plan takes no memory whatever N is."""
+
+    def __init__(self, num_samples: int, batch_size: int):
+        self.num_samples, self.batch_size = num_samples, batch_size
+
+    def __len__(self) -> int:
+        return -(-self.num_samples // self.batch_size)
+
+    def __getitem__(self, k):
+        if isinstance(k, slice):
+            return [self[i] for i in range(*k.indices(len(self)))]
+        if k < 0:
+            k += len(self)
+        if not 0 <= k < len(self):
+            raise IndexError(f"batch {k} of a plan of {len(self)} batches")
+        start = k * self.batch_size
+        return range(start, min(start + self.batch_size, self.num_samples))
+
+
+def batch_plan(num_samples: int, batch_size: int) -> BatchPlan:
+    return BatchPlan(num_samples, batch_size)
 
 
 def batch_seed(seed: int, batch_index: int) -> int:
@@ -216,9 +323,60 @@ def run_manifest(config: DictConfig, inputs: Sequence[Checkpoint], want_decoder:
 
 # ---------------------------------------------------------------------------- run
 def check_run(config: DictConfig, family: ModelFamily) -> None:
-    """Every check that needs no process group and no model: inputs and output folders."""
+    """Every check that needs no process group and no model: inputs, output folders, wandb."""
+    # "." and "a/.." name the npz after the folder itself (../name.npz), never "..npz"
+    config.experiment.output_dir = os.path.abspath(os.path.expanduser(str(config.experiment.output_dir)))
     check_inputs(config, family.checkpoints, want_decoder=not config.sample.tokens_only)
     check_output_folders(Path(config.experiment.output_dir))
+    if config.wandb.enabled:
+        try:
+            import wandb  # noqa: F401
+        except ImportError as err:
+            raise ConfigError("wandb.enabled=True but wandb is not installed: pip install wandb") from err
+
+
+def checked_config(argv: Sequence[str], family: ModelFamily, prog: Optional[str] = None) -> DictConfig:
+    config = parse_cli(argv, family, prog)
+    check_run(config, family)
+    return config
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM arrived. Raised wherever the main thread was, so the batch in flight
+    is dropped (every file is written atomically: nothing half-written stays)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+        self.progress: Optional[str] = None  # how far the run got, in words (rank 0)
+
+
+@contextmanager
+def interruptible() -> Iterator[None]:
+    """SIGINT / SIGTERM raise Interrupted; a second one exits at once (a cleanup that hangs)."""
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield
+        return
+    signals = (signal.SIGINT, signal.SIGTERM)
+
+    def handle(signum, frame):
+        for sig in signals:
+            signal.signal(sig, lambda n, f: os._exit(128 + n))
+        raise Interrupted(signum)
+
+    previous = {sig: signal.signal(sig, handle) for sig in signals}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def out_of_memory(err: BaseException) -> bool:
+    """A CUDA OutOfMemoryError, or the CPU allocator's (a RuntimeError) and its kin."""
+    oom = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+    return isinstance(err, oom) or (isinstance(err, RuntimeError) and any(
+        text in str(err) for text in ("out of memory", "can't allocate memory", "Cannot allocate memory")))
 
 
 def run_sampling(config: DictConfig, family: ModelFamily, rank: int = 0, world: int = 1,
@@ -230,15 +388,36 @@ def run_sampling(config: DictConfig, family: ModelFamily, rank: int = 0, world: 
     s = config.sample
     out = Path(config.experiment.output_dir)
     want_png = not s.tokens_only
-    want_tokens = s.save_tokens or s.tokens_only
+    with ExitStack() as held:
+        def claim() -> tuple[dict, str, int]:  # rank 0, before any model is built
+            lock = RunLock.acquire(out)  # held until this run's npz is written
+            held.callback(lock.release)
+            manifest = run_manifest(config, family.checkpoints, want_png, device)
+            return (*io.prepare_output(out, manifest, bool(s.overwrite)), lock.started_ns)
+
+        manifest, note, started_ns = on_rank_zero(claim)
+        plan = batch_plan(s.num_fid_samples, s.per_proc_batch_size)
+        try:
+            written, num_classes = sample_batches(config, family, plan, rank, world, device, note)
+            npz = on_rank_zero(lambda: write_outputs(config, plan, num_classes, manifest, written, started_ns))
+            return npz if rank == 0 else None
+        except Interrupted as stop:
+            if rank == 0:
+                done = io.batches_on_disk(out, plan, want_png, s.save_tokens or s.tokens_only)
+                stop.progress = f"after {done} of {len(plan)} batches"
+            raise
+
+
+def sample_batches(config: DictConfig, family: ModelFamily, plan: BatchPlan, rank: int, world: int,
+                   device: torch.device, note: str) -> tuple[dict, int]:
+    """Draw this process's batches that are not on disk yet; returns (the ledgers of every
+    process, merged on rank 0 ({} elsewhere): what this run wrote, batch by batch; the number
+    of classes)."""
+    s = config.sample
+    out = Path(config.experiment.output_dir)
+    want_png, want_tokens = not s.tokens_only, s.save_tokens or s.tokens_only
     guidance = Guidance.from_config(config.model.generator)
-    inputs = family.checkpoints
-
-    # Rank 0 hashes the inputs and settles the output folder before any model is built.
-    manifest, note = on_rank_zero(
-        lambda: io.prepare_output(out, run_manifest(config, inputs, want_png, device), bool(s.overwrite)))
-
-    paths = [OmegaConf.select(config, c.key) for c in inputs]  # generator first, then the decoder's (if any)
+    paths = [OmegaConf.select(config, c.key) for c in family.checkpoints]  # generator first, then the decoder's
     model = family.resolve("load_generator")(config, paths[0])
     if s.precision == "bf16":  # the same numbers as casting under autocast, without a cast per step
         store_linear_weights(model, torch.bfloat16)  # before the copy to the device: half the bytes
@@ -252,74 +431,112 @@ def run_sampling(config: DictConfig, family: ModelFamily, rank: int = 0, world: 
               f"guidance: {guidance}")
     barrier()
 
-    plan = batch_plan(s.num_fid_samples, s.per_proc_batch_size)
-    labels_of = lambda k: class_labels(plan[k], model.num_classes, s.labels, s.seed, k)  # noqa: E731
-    mine = list(range(rank, len(plan), world))
-    todo = [k for k in mine if not io.batch_done(out, k, plan[k], want_png, want_tokens)]
+    mine = range(rank, len(plan), world)
+    todo = np.fromiter((k for k in mine if not io.batch_done(out, k, plan[k], want_png, want_tokens)), np.int64)
     if rank == 0 and len(todo) < len(mine):
         print(f"resuming: {len(mine) - len(todo)} of {len(mine)} batches of this process already on disk")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=s.precision == "bf16")
     logger = _wandb(config) if rank == 0 and config.wandb.enabled else None
-    start = time.time()
-    for done, k in enumerate(tqdm(todo, desc="sampling", disable=rank != 0, unit="batch"), 1):
-        labels = torch.from_numpy(labels_of(k)).to(device)
+    ledger, start = io.Ledger(out), time.time()
+    for done, k in enumerate(tqdm(todo.tolist(), desc="sampling", disable=rank != 0, unit="batch"), 1):
+        labels = torch.from_numpy(class_labels(plan[k], model.num_classes, s.labels, s.seed, k)).to(device)
         generator = torch.Generator(device=device).manual_seed(batch_seed(s.seed, k))
-        with autocast:
-            tokens = generate(model, labels, guidance, generator=generator, compile=bool(s.compile))
+        try:
+            with autocast:
+                tokens = generate(model, labels, guidance, generator=generator, compile=bool(s.compile))
+                if want_png:
+                    with torch.no_grad():
+                        images = decode(tokens)
+        except RuntimeError as err:
+            if not out_of_memory(err):
+                raise
+            reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+            raise ConfigError(f"out of memory drawing a batch of {len(plan[k])} images on {device} "
+                              f"(sample.per_proc_batch_size={s.per_proc_batch_size}; {reason}). "
+                              f"The {done - 1} batches finished by this process are kept: free memory and rerun "
+                              f"the same command to resume, or pass a smaller --sample.per_proc_batch_size "
+                              f"(e.g. {max(1, s.per_proc_batch_size // 2)}) with another --experiment.output_dir "
+                              f"(the batch size changes the images)") from None
+        files = []
         if want_tokens:
-            io.save_npy(io.token_path(out, k), tokens.cpu().numpy().astype(np.int32))
+            files.append(io.token_path(out, k))
+            io.save_npy(files[-1], tokens.cpu().numpy().astype(np.int32))
         if want_png:
-            with autocast, torch.no_grad():
-                images = decode(tokens)
             images = images.cpu().numpy() if torch.is_tensor(images) else images
             for i, image in zip(plan[k], images):
-                if not io.png_complete(io.png_path(out, i)):
-                    io.save_png(io.png_path(out, i), image)
+                files.append(io.png_path(out, i))
+                io.save_png(files[-1], image)
+        ledger.record(k, files)
         if logger is not None:
             logger.log({"batches_done": done, "elapsed_s": time.time() - start})
-    barrier()
+    if logger is not None:
+        logger.finish()
+    return gather_ledgers(ledger, world), model.num_classes
 
-    def write_outputs() -> Optional[Path]:
-        text = io.check_manifest_unchanged(out, manifest)
-        labels = np.concatenate([labels_of(k) for k in range(len(plan))])
-        npz = None
-        if want_tokens:
-            print(f"wrote {io.write_tokens_npz(out, len(plan), labels, Path(f'{out}_tokens.npz'), text)}")
-        if want_png:
-            npz = io.write_npz_from_pngs(out, s.num_fid_samples, Path(f"{out}.npz"), labels, text)
-            print(f"wrote {npz} [{s.num_fid_samples} images]")
-        if logger is not None:
-            logger.finish()
-        return npz
 
-    npz = on_rank_zero(write_outputs)
-    return npz if rank == 0 else None
+def gather_ledgers(ledger: "io.Ledger", world: int) -> dict:
+    """Every process's ledger, merged on rank 0 ({} on the others)."""
+    if not dist.is_initialized():
+        return dict(ledger.batches)
+    gathered = [None] * world if is_rank_zero() else None
+    dist.gather_object(ledger.batches, gathered, dst=0)
+    return {k: v for part in gathered for k, v in part.items()} if gathered is not None else {}
+
+
+def write_outputs(config: DictConfig, plan: BatchPlan, num_classes: int, manifest: dict, written: dict,
+                  started_ns: int) -> Optional[Path]:
+    """Rank 0, once every batch is on disk: check that every file is this run's, then the npz files."""
+    s = config.sample
+    out = Path(config.experiment.output_dir)
+    want_png, want_tokens = not s.tokens_only, s.save_tokens or s.tokens_only
+    text = io.check_manifest_unchanged(out, manifest)
+    io.check_ownership(out, plan, written, started_ns, want_png, want_tokens)
+    labels = np.concatenate([class_labels(plan[k], num_classes, s.labels, s.seed, k) for k in range(len(plan))])
+    npz = None
+    if want_tokens:
+        print(f"wrote {io.write_tokens_npz(out, len(plan), labels, Path(f'{out}_tokens.npz'), text)}")
+    if want_png:
+        npz = io.write_npz_from_pngs(out, s.num_fid_samples, Path(f"{out}.npz"), labels, text)
+        print(f"wrote {npz} [{s.num_fid_samples} images]")
+    return npz
 
 
 def _wandb(config: DictConfig):
-    try:
-        import wandb
-    except ImportError as err:
-        raise ConfigError("wandb.enabled=True but wandb is not installed: pip install wandb") from err
+    import wandb  # check_run made sure it is there
     return wandb.init(project=config.wandb.project, name=config.wandb.name or None,
                       config=OmegaConf.to_container(config, resolve=True))
 
 
 def main(argv: Sequence[str], family: Union[str, ModelFamily], prog: Optional[str] = None) -> None:
-    """Parse, then sample. Bad input exits with status 2 and a one-line `error: ...` on
-    stderr, printed by rank 0 only; other ranks exit 2 silently."""
+    """Parse, check, sample.
+
+    Bad input exits with status 2 and one line `error: ...` on stderr, printed once per run
+    (rank 0 prints what every process found); an error met while sampling (out of memory, a
+    full disk) is printed by the process that met it. SIGINT and SIGTERM print one line saying
+    how far the run got and exit 130 / 143; a rerun of the same command resumes.
+    """
     family = get(family) if isinstance(family, str) else family
-    with exit_on_error(show=is_rank_zero):
-        config = parse_cli(argv, family, prog)
-        check_run(config, family)
-        with runtime(config) as (rank, world, device):
-            try:
-                run_sampling(config, family, rank, world, device)
-            except OSError as err:  # disk full, permissions changed mid-run ...
-                if isinstance(err, SoftCFGError):
-                    raise
-                raise ConfigError(f"{err}. Finished samples are kept: fix this and rerun the same "
-                                  f"command to resume") from err
+    try:
+        with interruptible(), exit_on_error():
+            store = rendezvous()
+            config = agree(lambda: checked_config(argv, family, prog), store)
+            with runtime(config, store) as (rank, world, device):
+                try:
+                    run_sampling(config, family, rank, world, device)
+                except (OSError, SoftCFGError) as err:
+                    raise from_this_rank(as_input_error(err), rank, world) from err
+    except Interrupted as stop:
+        if is_rank_zero():
+            print(f"interrupted {stop.progress or 'before the first batch'}; rerun the same command to resume",
+                  file=sys.stderr, flush=True)
+        raise SystemExit(128 + stop.signum) from None
+
+
+def from_this_rank(err: Exception, rank: int, world: int) -> Exception:
+    """A process's own error, named by its rank when several run (each prints its own)."""
+    if world == 1 or getattr(err, "reported", False) or not isinstance(err, SoftCFGError):
+        return err
+    return ConfigError(f"rank {rank}: {err}")
 
 
 def entry_point(family: str) -> None:
