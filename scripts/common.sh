@@ -4,7 +4,8 @@
 #   RESULTS     results/ (SMOKE: results_smoke/)       NUM_SAMPLES  50000 (SMOKE: 4)
 #   NPROC       processes per run (>1: python -m torch.distributed.run)
 #   WEIGHTS     checkpoint folder (weights/)           REF  reference npz (WEIGHTS/VIRTUAL_imagenet256_labeled.npz)
-#   INCEPTION   FID Inception weights (default: the evaluator's search)
+#   INCEPTION   FID Inception weights (default: pt_inception-2015-12-05-6726825d.pth in WEIGHTS, else the
+#               evaluator's search); every input is checked before a model's first setting
 #   BOOTSTRAP   bootstrap resamples: each row's std and 95% interval (default 100), paired deltas (200)
 #   BATCH, DEVICE, WANDB=1, DELETE_SAMPLES=1, PYTHON  see scripts/run_setting.py --help
 set -euo pipefail
@@ -17,11 +18,20 @@ ORDER=0
 [[ "$SEEDS" =~ ^[[:space:]]*[0-9]+([[:space:]]+[0-9]+)*[[:space:]]*$ ]] || {
   echo "SEEDS must be whole numbers separated by spaces, e.g. SEEDS=\"0 1 2\"; got '$SEEDS'" >&2; exit 2; }
 
+CHECKED=" "  # models whose inputs were checked in this script, space separated
+
 # setting TABLE MODEL METHOD [run_setting.py options]: sample + evaluate + row, once per seed.
+# Before a model's first setting, run_setting.py --check-only checks every input of the model
+# (checkpoints, reference batch, Inception weights) and lists all problems: a bad file found
+# after the first rows ran would cost their hours of sampling.
 setting() {
   local table=$1 model=$2 method=$3 seed
   shift 3
   ORDER=$((ORDER + 1))  # rows keep the order in which the script lists its settings
+  if [[ "$CHECKED" != *" $model "* ]]; then
+    "$PYTHON" "$REPO/scripts/run_setting.py" --check-only --table "$table" --model "$model" --method "$method" "$@"
+    CHECKED+="$model "
+  fi
   for seed in $SEEDS; do
     "$PYTHON" "$REPO/scripts/run_setting.py" --table "$table" --model "$model" --method "$method" \
       --order "$ORDER" --seed "$seed" "$@"

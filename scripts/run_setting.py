@@ -4,6 +4,9 @@
     python scripts/run_setting.py --table table1_alitok --model alitok_xl --method SoftCFG \
         --guidance-scale 9 --guidance-scale-pow 1.5 --softcfg-strength 1 --seed 0
 
+0. check every input (generator and tokenizer checkpoints, reference batch, FID Inception
+   weights, evaluator) and list all problems at once; `--check-only` stops here (the table
+   scripts run it once per model before its first setting);
 1. sample NUM_SAMPLES images with the model family's sampler, e.g. alitok/sample_imagenet.py (torch.distributed.run
    when NPROC > 1) into RESULTS/samples/<run>/ and RESULTS/samples/<run>.npz;
 2. evaluate that npz against REF with evaluations/evaluator.py;
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import json
 import os
 import platform
@@ -33,10 +37,10 @@ import subprocess
 import sys
 import time
 import zipfile
-from dataclasses import fields
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 from omegaconf import OmegaConf
@@ -115,8 +119,8 @@ def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
                         "(SMOKE: a random one made under RESULTS/smoke/)")
     e.add_argument("--results", default=env("RESULTS"), help="[RESULTS] results/ (SMOKE: results_smoke/)")
     e.add_argument("--inception-weights", default=env("INCEPTION"),
-                   help="[INCEPTION] FID Inception weights; default: the evaluator's own search "
-                        "(SMOKE: a seeded random network)")
+                   help="[INCEPTION] FID Inception weights; default: a published file name in WEIGHTS, "
+                        "else the evaluator's own search (SMOKE: a seeded random network)")
     e.add_argument("--evaluator", default=env("EVALUATOR", str(REPO / "evaluations" / "evaluator.py")),
                    help="[EVALUATOR] evaluator script (same CLI as evaluations/evaluator.py)")
     e.add_argument("--device", default=env("DEVICE", "auto"), help="[DEVICE] auto, cpu or cuda")
@@ -125,6 +129,9 @@ def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
     e.add_argument("--bootstrap", type=int, default=env("BOOTSTRAP", "100"),
                    help="[BOOTSTRAP] resamples for the row's bootstrap std and 95%% interval (evaluator --bootstrap)")
     e.add_argument("--wandb", action="store_true", default=env_flag("WANDB"), help="[WANDB=1] log to W&B")
+    e.add_argument("--check-only", action="store_true",
+                   help="check every input of --model (checkpoints, reference batch, Inception weights, "
+                        "evaluator, wandb), list all problems and exit; samples and creates nothing")
     e.add_argument("--delete-samples", action="store_true", default=env_flag("DELETE_SAMPLES"),
                    help="[DELETE_SAMPLES=1] delete the PNGs and npz once the row is written (saves ~10 GB/run)")
     args = p.parse_args(argv)
@@ -191,60 +198,186 @@ def run_name(model: str, smoke: bool, guidance: dict, seed: int, num: int, batch
     return f"{'smoke_' if smoke else ''}{model}_{method_kind(guidance)}_seed{seed}_n{num}_{digest}"
 
 
-def checkpoints(config, args: argparse.Namespace) -> dict:
+@dataclass
+class Inputs:
+    """Every file a setting reads. `made` maps the SMOKE stand-ins to the function that writes
+    each one when it is missing; they are not checked (the run makes them, after the check)."""
+    ckpts: dict                     # {sampler option: absolute path}, the registry's checkpoints
+    ref: Path
+    inception: Optional[Path]       # None: found nowhere (a problem the check reports)
+    made: dict = field(default_factory=dict)
+
+    def make_missing(self) -> None:
+        for path, make in self.made.items():
+            if not path.is_file():
+                make(path)
+
+
+def resolve_inputs(config, args: argparse.Namespace) -> Inputs:
+    """The paths of every input of the run; creates nothing."""
+    smoke_dir = args.results / "smoke"
+    made = {}
+    ckpts = checkpoints(config, args, made)
+    if args.ref:
+        ref = Path(args.ref).resolve()
+    elif args.smoke:
+        ref = smoke_dir / "reference.npz"
+        made[ref] = smoke_reference
+    else:
+        ref = Path(args.weights).resolve() / "VIRTUAL_imagenet256_labeled.npz"
+    if args.inception_weights:
+        inception = Path(args.inception_weights).resolve()
+    elif args.smoke:
+        inception = smoke_dir / "inception_random.safetensors"
+        made[inception] = smoke_inception
+    else:
+        inception = search_inception(Path(args.weights))
+    return Inputs(ckpts, ref, inception, made)
+
+
+def checkpoints(config, args: argparse.Namespace, made: dict) -> dict:
     """{sampler option: absolute path} of the generator and its tokenizer (the registry's checkpoints)."""
     family = registry.get(args.model)
     if args.smoke:  # paths of the tiny config, relative to the repository root; missing ones are made
         paths = {}
         for item in family.checkpoints:
             value = OmegaConf.select(config, item.key)
-            paths[item.key] = (REPO / value).resolve() if value else smoke_weights(family, item, config, args)
+            if value:
+                paths[item.key] = (REPO / value).resolve()
+            else:
+                paths[item.key] = args.results / "smoke" / f"{family.name}_{item.manifest_name}_random.safetensors"
+                made[paths[item.key]] = smoke_weights_maker(family, item, config)
         return paths
     real = OmegaConf.load(config_path(args.model, smoke=False))  # its file names: weights/<name>
     return {c.key: Path(args.weights).resolve() / Path(OmegaConf.select(real, c.key)).name
             for c in family.checkpoints}
 
 
-def smoke_weights(family, item, config, args: argparse.Namespace) -> Path:
-    """Seeded random weights for a checkpoint the tiny config does not ship (LlamaGen's VQ)."""
+def smoke_weights_maker(family, item, config) -> Callable[[Path], None]:
+    """Writes seeded random weights for a checkpoint the tiny config does not ship (LlamaGen's VQ)."""
     if item.key not in family.smoke_weights:
         raise SettingError(f"{family.smoke_config} sets no {item.key} and the registry entry of "
                            f"{family.name} names no smoke_weights maker for it")
-    path = args.results / "smoke" / f"{family.name}_{item.manifest_name}_random.safetensors"
-    if not path.is_file():
+
+    def make(path: Path) -> None:
         module, _, name = family.smoke_weights[item.key].partition(":")
-        import importlib
         state = getattr(importlib.import_module(module), name)(config)
         from safetensors.torch import save_file
         atomic_write(path, lambda tmp: save_file(state, str(tmp)))
-    return path
+    return make
 
 
-def check_files(ckpts: dict, ref: Path, args: argparse.Namespace) -> None:
-    """Fail before hours of sampling if anything the run needs is missing."""
-    missing = []
-    sources = {c.key: c.source for c in registry.get(args.model).checkpoints}
-    for key, path in ckpts.items():
-        if not path.is_file():
-            missing.append(f"  {path}  <- {sources[key]}")
+def search_inception(weights: Path) -> Optional[Path]:
+    """The FID Inception file when INCEPTION is unset: $SOFTCFG_INCEPTION_WEIGHTS (the evaluator's
+    own setting, so it wins), else a published file name in WEIGHTS, else the evaluator's search."""
+    from evaluations.inception import WEIGHT_FILES, WEIGHTS_ENV, find_weights  # imports torch: only here
+    if os.environ.get(WEIGHTS_ENV):
+        return Path(os.environ[WEIGHTS_ENV]).expanduser().resolve()  # checked like INCEPTION
+    for name in WEIGHT_FILES:
+        if (weights / name).is_file():
+            return (weights / name).resolve()
+    try:
+        return find_weights(None).resolve()
+    except FileNotFoundError:
+        return None
+
+
+# ----------------------------------------------------------------------------- the check
+EVAL_IMAGE_SIZE = 256  # the evaluator's --image-size default, which run_setting never changes
+MIN_REF_IMAGES = 4     # the evaluator's k=3 precision/recall needs k + 1 images
+
+
+def is_html(path: Path) -> bool:
+    """softcfg_patch.checkpoint.looks_like_html, imported (with torch: 2 s, before every setting)
+    only for a file whose first byte is '<': no other file can be a web page."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64).lstrip(b"\xef\xbb\xbf \t\r\n")
+    except OSError:
+        return False
+    if not head.startswith(b"<"):
+        return False
+    from softcfg_patch.checkpoint import looks_like_html
+    return looks_like_html(path)
+
+
+def file_problem(path: Path, what: str, source: str) -> Optional[str]:
+    """A checkpoint or weight file: it exists and is not a saved web page (not loaded here)."""
+    if not path.is_file():
+        return f"{what} '{path}': missing; download it from {source}"
+    if is_html(path):
+        from softcfg_patch.checkpoint import html_message
+        return html_message(path, what, source)
+    return None
+
+
+def reference_problem(ref: Path) -> Optional[str]:
+    """The reference batch: its zip directory and arr_0 header only (the file can be GBs; the
+    evaluator CRC-checks it as it hashes it)."""
     if not ref.is_file():
-        missing.append(f"  {ref}  <- {REFERENCE_SOURCE}")
-    if args.inception_weights and not Path(args.inception_weights).is_file():
-        missing.append(f"  {args.inception_weights}  <- pt_inception-2015-12-05-6726825d.pth (pytorch-fid "
-                       f"release 'fid_weights'); or unset INCEPTION to use the evaluator's search")
-    if missing:
-        raise SettingError("missing files (nothing is downloaded automatically); put them in WEIGHTS="
-                           f"{args.weights} or point WEIGHTS / REF elsewhere:\n" + "\n".join(missing))
+        return f"reference batch '{ref}': missing; download {REFERENCE_SOURCE}"
+    if is_html(ref):
+        return (f"reference batch '{ref}': an HTML page, not an npz (a download link that led to a web page); "
+                f"download the file itself: {REFERENCE_SOURCE}")
+    from evaluations.npz import NpzImages
+    try:  # image_size=None: the size is checked below, with advice that fits run_setting
+        with NpzImages(ref, image_size=None, role="reference") as images:
+            shape = images.shape
+    except (SoftCFGError, OSError, ValueError, zipfile.BadZipFile) as err:  # not an npz, no arr_0, not uint8 RGB
+        return f"{err}; get a good copy: {REFERENCE_SOURCE}"
+    if tuple(shape[1:3]) != (EVAL_IMAGE_SIZE, EVAL_IMAGE_SIZE):
+        return (f"reference batch '{ref}': images are {shape[1]}x{shape[2]}, the samples are evaluated at "
+                f"{EVAL_IMAGE_SIZE}x{EVAL_IMAGE_SIZE}; use {REFERENCE_SOURCE}")
+    if shape[0] < MIN_REF_IMAGES:
+        return (f"reference batch '{ref}': holds {shape[0]} images, the evaluator needs at least {MIN_REF_IMAGES}; "
+                f"use {REFERENCE_SOURCE}")
+    return None
+
+
+def inception_problem(path: Optional[Path], args: argparse.Namespace) -> Optional[str]:
+    from evaluations.inception import WEIGHT_FILES, WEIGHTS_ENV
+    downloads = " or ".join(f"{name} from {url}" for name, url in WEIGHT_FILES.items())
+    if path is None:
+        where = Path(args.weights).resolve() / next(iter(WEIGHT_FILES))
+        return (f"FID Inception weights '{where}': missing (not in WEIGHTS, nor in the evaluator's places: "
+                f"./weights/, the repository's weights/, torch.hub's checkpoints/); download {downloads} "
+                f"into WEIGHTS, or set INCEPTION=path/to/the/file")
+    if path.is_file():
+        return file_problem(path, "FID Inception weights", downloads)  # a web page?
+    setting = "INCEPTION (--inception-weights)" if args.inception_weights else WEIGHTS_ENV
+    return (f"FID Inception weights '{path}' (from {setting}): missing; download {downloads} and point "
+            f"{setting} at it, or unset it to search WEIGHTS and the evaluator's places")
+
+
+def input_problems(inputs: Inputs, args: argparse.Namespace) -> list:
+    """Everything wrong with the run's inputs, one line each, all of them (not the first only)."""
+    problems = []
+    for item in registry.get(args.model).checkpoints:
+        path = inputs.ckpts[item.key]
+        if path not in inputs.made:
+            problems.append(file_problem(path, item.what, item.source))
+    if inputs.ref not in inputs.made:
+        problems.append(reference_problem(inputs.ref))
+    if inputs.inception not in inputs.made:
+        problems.append(inception_problem(inputs.inception, args))
     if not Path(args.evaluator).is_file():
-        raise SettingError(f"evaluator not found: {args.evaluator} (set EVALUATOR=path/to/evaluator.py)")
-    if args.wandb:
-        try:
-            import wandb  # noqa: F401
-        except ImportError as err:
-            raise SettingError("WANDB=1 but wandb is not installed: pip install wandb") from err
-    if args.inception_weights is None and not args.smoke:
-        from evaluations.inception import find_weights  # the evaluator's own search, no download
-        find_weights(None)  # raises FileNotFoundError with download instructions
+        problems.append(f"evaluator '{args.evaluator}': missing; set EVALUATOR=path/to/evaluator.py "
+                        f"(default {REPO / 'evaluations' / 'evaluator.py'})")
+    if args.wandb and importlib.util.find_spec("wandb") is None:  # find_spec: importing wandb takes seconds
+        problems.append("WANDB=1 but wandb is not installed: pip install wandb (or unset WANDB)")
+    return [p for p in problems if p]
+
+
+def check_inputs(inputs: Inputs, args: argparse.Namespace) -> None:
+    """Fail before hours of sampling if anything the run needs is missing or broken."""
+    problems = input_problems(inputs, args)
+    if problems:
+        fix = ("fix them" if args.smoke else  # SMOKE reads no WEIGHTS
+               f"put the files in WEIGHTS={Path(args.weights).resolve()} (or point WEIGHTS, REF or INCEPTION at them)")
+        raise SettingError(
+            f"{len(problems)} problem(s) with the inputs of {args.model}; nothing was sampled and nothing is "
+            f"downloaded automatically:\n" + "\n".join(f"  - {p}" for p in problems) +
+            f"\n{fix}, then rerun the same command")
 
 
 # ----------------------------------------------------------------------------- smoke inputs
@@ -341,19 +474,20 @@ def sample(args, config_file: Path, ckpts: dict, guidance: dict, batch: int, out
     return {**meta, "reused": False}
 
 
-def eval_cache_path(out: Path, ref: Path, inception: Optional[Path], evaluator: str, bootstrap: int) -> Path:
+def eval_cache_path(out: Path, ref: Path, inception: Path, evaluator: str, bootstrap: int) -> Path:
     """Where the evaluation of out.npz against this reference and Inception network is kept."""
     key = f"{ref}|{ref.stat().st_size}|{inception}|{evaluator}|bootstrap{bootstrap}"
     key = hashlib.sha256(key.encode()).hexdigest()
     return Path(f"{out}.eval-{key[:10]}.json")
 
 
-def evaluate(args, npz: Path, ref: Path, inception: Optional[Path], cache: Path, child_env: dict) -> dict:
+def evaluate(args, npz: Path, ref: Path, inception: Path, cache: Path, child_env: dict) -> dict:
     """Run the evaluator; its json (metrics + settings) plus timing is kept in `cache`."""
     out_json = cache.with_name(f".{cache.name}.evaluator.{os.getpid()}.json")
-    cmd = [sys.executable, args.evaluator, ref, npz, "--json", out_json, "--bootstrap", args.bootstrap]
-    if inception is not None:
-        cmd += ["--inception-weights", inception]
+    # the Inception file the check found, passed explicitly: the evaluator uses (and the row
+    # records) that file, not whatever its own search would find at evaluation time
+    cmd = [sys.executable, args.evaluator, ref, npz, "--json", out_json, "--bootstrap", args.bootstrap,
+           "--inception-weights", inception]
     if args.device != "auto":
         cmd += ["--device", args.device]
     if args.smoke:  # same trace as sqrtm to ~1e-9 (evaluator --help), 6x faster on a CPU
@@ -434,6 +568,10 @@ def main(argv: Optional[list] = None) -> int:
     start = time.time()
     config_file = config_path(args.model, args.smoke)
     config = OmegaConf.load(config_file)
+    if args.check_only:  # scripts/common.sh, once per model before its first setting: a table
+        check_inputs(resolve_inputs(config, args), args)  # stops before its first sample, not hours in
+        print(f"inputs of {args.model}{' (SMOKE)' if args.smoke else ''}: ok", flush=True)
+        return 0
     # SMOKE swaps the networks, not the settings: guidance comes from the real model's config.
     guidance = effective_guidance(OmegaConf.load(config_path(args.model, smoke=False)), args)
     batch = int(args.batch or (4 if args.smoke else config.sample.per_proc_batch_size))
@@ -445,20 +583,13 @@ def main(argv: Optional[list] = None) -> int:
         return 0
     print(f"=== {tag}: {run}", flush=True)
 
-    smoke_dir = args.results / "smoke"
-    if args.ref:
-        ref = Path(args.ref).resolve()
-    elif args.smoke:
-        ref = smoke_reference(smoke_dir / "reference.npz")
-    else:
-        ref = Path(args.weights).resolve() / "VIRTUAL_imagenet256_labeled.npz"
+    inputs = resolve_inputs(config, args)
+    check_inputs(inputs, args)  # again: run_setting.py is also run by hand, and files move in hours
+    inputs.make_missing()  # SMOKE's stand-ins, only once the check passed: a failure leaves RESULTS alone
+    ckpts, ref, inception = inputs.ckpts, inputs.ref, inputs.inception
     # Tiny models gain nothing from threads, and on a busy CI machine oversubscribed
     # threads made the tiny sampler 10x slower.
     child_env = {"OMP_NUM_THREADS": env("OMP_NUM_THREADS", "1")} if args.smoke else {}
-    ckpts = checkpoints(config, args)
-    check_files(ckpts, ref, args)
-    inception = (Path(args.inception_weights).resolve() if args.inception_weights
-                 else smoke_inception(smoke_dir / "inception_random.safetensors") if args.smoke else None)
 
     out = args.results / "samples" / run
     npz, sampling_meta = Path(f"{out}.npz"), Path(f"{out}.sampling.json")

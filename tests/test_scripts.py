@@ -253,6 +253,137 @@ def test_wandb_without_the_package_is_refused_up_front(tmp_path):
     assert not (tmp_path / "samples").exists()
 
 
+# ----------------------------------------------------------------------------- preflight
+INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
+HTML_PAGE = b"<!DOCTYPE html>\n<html><head><title>Google Drive - Virus scan warning</title></head></html>\n"
+
+
+@pytest.fixture
+def clean_env(monkeypatch, tmp_path):
+    """run_setting's defaults read the environment: drop every knob, and leave the evaluator's
+    Inception search nothing to find outside the test's folders (cwd, torch.hub)."""
+    for knob in KNOBS + ("SOFTCFG_INCEPTION_WEIGHTS",):
+        monkeypatch.delenv(knob, raising=False)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def real_argv(tmp_path: Path, *extra: str) -> list:
+    return ["--table", "t", "--model", "alitok_xl", "--method", "CFG", "--num-samples", "4", "--batch", "4",
+            "--weights", str(tmp_path / "weights"), "--results", str(tmp_path / "results"), *extra]
+
+
+def put(folder: Path, name: str, data: bytes = b"\0" * 64) -> Path:
+    """A stand-in file: the preflight only checks that checkpoints exist and are no web page."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_bytes(data)
+    return folder / name
+
+
+def save_images(path: Path, n: int = 4, side: int = 256) -> Path:
+    import numpy as np
+    np.savez(path, np.zeros((n, side, side, 3), dtype=np.uint8))
+    return path
+
+
+def bad_reference(path: Path, kind: str) -> Path:
+    import numpy as np
+    if kind == "html":
+        path.write_bytes(HTML_PAGE)
+    elif kind == "truncated":  # an interrupted download: the zip directory at the end is gone
+        data = save_images(path).read_bytes()
+        path.write_bytes(data[:len(data) // 2])
+    else:
+        np.savez(path, mu=np.zeros(2048))  # statistics only, no arr_0 images
+    return path
+
+
+@pytest.mark.parametrize("kind,needle", [("html", "HTML"), ("truncated", "truncated|not an .npz"),
+                                         ("no_arr_0", "arr_0")])
+def test_every_bad_input_is_listed_at_once_before_sampling(clean_env, kind, needle):
+    weights = clean_env / "weights"
+    put(weights, "alitok_xl.bin", HTML_PAGE)  # a sign-in page saved under the checkpoint's name
+    ref = bad_reference(clean_env / "ref.npz", kind)  # and AliTok.pth is missing
+    argv = real_argv(clean_env, "--ref", str(ref), "--inception-weights", str(put(weights, INCEPTION_FILE)))
+    with pytest.raises(run_setting.SettingError) as err:
+        run_setting.main(argv)
+    lines = str(err.value).splitlines()
+    assert any("alitok_xl.bin" in line and "HTML" in line and "ali-vilab/alitok" in line for line in lines)
+    assert any("AliTok.pth" in line and "missing" in line for line in lines)
+    assert any(str(ref) in line and re.search(needle, line) and "guided-diffusion" in line for line in lines)
+    assert not (clean_env / "results").exists()  # nothing sampled, nothing made
+    with pytest.raises(run_setting.SettingError, match="AliTok.pth"):  # the table scripts' preflight says the same
+        run_setting.main(argv + ["--check-only"])
+    assert not (clean_env / "results").exists()
+
+
+def test_missing_inception_weights_are_in_the_first_list(clean_env):
+    from evaluations.inception import WEIGHT_FILES
+    if any((ROOT / "weights" / name).is_file() for name in WEIGHT_FILES):
+        pytest.skip("the repository's weights/ holds the Inception weights, which the evaluator's search finds")
+    with pytest.raises(run_setting.SettingError) as err:
+        run_setting.main(real_argv(clean_env))
+    message = str(err.value)
+    for needle in ("alitok_xl.bin", "AliTok.pth", "VIRTUAL_imagenet256_labeled.npz", *WEIGHT_FILES,
+                   *WEIGHT_FILES.values(), "INCEPTION"):
+        assert needle in message, needle
+    assert str(clean_env / "weights" / INCEPTION_FILE) in message  # where to put it
+
+
+STUB_EVALUATOR = '''import json, sys
+args = sys.argv[1:]
+out = args[args.index("--json") + 1]
+weights = args[args.index("--inception-weights") + 1] if "--inception-weights" in args else None
+json.dump({"fid": 1.0, "inception_score": 2.0, "sfid": 3.0, "precision": 0.5, "recall": 0.5,
+           "settings": {"inception_weights": weights}}, open(out, "w"))
+'''
+
+
+def test_inception_weights_in_weights_folder_reach_the_evaluator(clean_env):
+    weights = clean_env / "weights"
+    for name in ("alitok_xl.bin", "AliTok.pth", INCEPTION_FILE):
+        put(weights, name)
+    save_images(weights / "VIRTUAL_imagenet256_labeled.npz")
+    evaluator = clean_env / "stub" / "evaluator.py"
+    evaluator.parent.mkdir()
+    evaluator.write_text(STUB_EVALUATOR)
+    argv = real_argv(clean_env, "--evaluator", str(evaluator))
+    # samples already drawn (as by an interrupted earlier run): only the evaluation is left
+    args = run_setting.parse_args(argv)
+    g = run_setting.effective_guidance(run_setting.OmegaConf.load(run_setting.config_path("alitok_xl", False)), args)
+    out = clean_env / "results" / "samples" / run_setting.run_name("alitok_xl", False, g, 0, 4, 4)
+    out.parent.mkdir(parents=True)
+    save_images(Path(f"{out}.npz"), side=8)
+    Path(f"{out}.sampling.json").write_text(json.dumps({"wall_s": 1.0, "command": "earlier"}))
+    assert run_setting.main(argv) == 0
+    (row,) = rows_of(clean_env / "results" / "t")
+    found = str(weights / INCEPTION_FILE)
+    assert f"--inception-weights {found}" in row["evaluator"]["command"]
+    assert row["inception_weights"]["path"] == found
+
+
+def test_common_sh_checks_each_model_once_before_its_first_setting(tmp_path):
+    stub = tmp_path / "python"  # logs what common.sh runs; fails the preflight when FAIL_CHECK is set
+    stub.write_text('#!/usr/bin/env bash\necho "${*:2}" >> "$LOG"\n'
+                    '[[ -n "${FAIL_CHECK:-}" && " $* " == *" --check-only "* ]] && exit 2\nexit 0\n')
+    stub.chmod(0o755)
+    table = ("source scripts/common.sh; setting t alitok_xl CFG --guidance-scale 13; "
+             "setting t alitok_xl SoftCFG; setting t rar_l CFG; echo finished")
+    log = tmp_path / "log"
+    res = run(["bash", "-c", table], PYTHON=str(stub), LOG=str(log), SEEDS="0 1")
+    assert res.returncode == 0 and "finished" in res.stdout, res.stderr
+    calls = [(line.split()[0] == "--check-only", line.split("--model ")[1].split()[0])
+             for line in log.read_text().splitlines()]
+    assert calls == [(True, "alitok_xl")] + [(False, "alitok_xl")] * 4 + [(True, "rar_l")] + [(False, "rar_l")] * 2
+    assert "--check-only --table t --model alitok_xl --method CFG --guidance-scale 13" in log.read_text()
+
+    log.unlink()  # a failed preflight stops the table with its status before any setting runs
+    res = run(["bash", "-c", table], PYTHON=str(stub), LOG=str(log), FAIL_CHECK="1")
+    assert res.returncode == 2 and "finished" not in res.stdout
+    assert len(log.read_text().splitlines()) == 1
+
+
 # ----------------------------------------------------------------------------- end to end
 @pytest.fixture(scope="module")
 def smoke_results(tmp_path_factory) -> Path:
