@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,13 +26,16 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import yaml
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from safetensors.torch import save_file
 from tqdm import tqdm
 
 import softcfg_patch as sp
 from alitok.model import ARModel
 from softcfg_patch.checkpoint import load_model
+from softcfg_patch.errors import ConfigError, exit_on_error
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_PATH = ROOT / "configs" / "digits.yaml"
@@ -41,6 +45,7 @@ CLASSIFIER_FILE = "digits_classifier.safetensors"
 REFERENCE_FILE = "digits_ar.json"
 # quoted by the loader's errors: where good weight files come from
 WEIGHTS_SOURCE = "the repository's demo/weights/ (or retrain them: python -m demo.digits --out FOLDER)"
+CONFIG_EXAMPLE = "configs/digits.yaml (the default)"  # quoted by the config errors
 NUM_LEVELS = 17  # gray levels 0..16 = the token vocabulary
 NUM_CLASSES = 10
 
@@ -53,7 +58,88 @@ REFERENCE_POW = 1.0
 
 
 def load_config(path: str | Path = CONFIG_PATH) -> DictConfig:
-    return OmegaConf.load(path)
+    """A digits demo config. A missing file, one that is not plain YAML, or a config of another
+    kind (a sampler's) is a one-line ConfigError; YAML tags that build Python objects are never run."""
+    found = _find_config(Path(path))
+    try:
+        cfg = OmegaConf.load(found)  # a safe YAML loader: a python tag is an error, not executed
+    except yaml.YAMLError as err:
+        raise ConfigError(_yaml_message(found, err)) from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config {found} is not a text (UTF-8 YAML) file; pass a file like "
+                          f"{CONFIG_EXAMPLE}") from None
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"config {found} cannot be read as a config ({str(err).splitlines()[0]}); pass a file "
+                          f"like {CONFIG_EXAMPLE}") from None
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError(f"config {found} holds a {type(cfg).__name__.replace('Config', '').lower()}, not a digits "
+                          f"demo config; pass a file like {CONFIG_EXAMPLE}")
+    _check_kind(cfg, found)
+    return cfg
+
+
+def _find_config(path: Path) -> Path:
+    """A relative path is tried from the current folder, then from the repository root (as the samplers do)."""
+    candidates = [path] if path.is_absolute() else list(dict.fromkeys([Path.cwd() / path, ROOT / path]))
+    found = next((c for c in candidates if c.is_file()), None)
+    if found is None:
+        raise ConfigError(f"config file not found: {path} (looked in {', '.join(map(str, candidates))}); pass a "
+                          f"digits demo config such as {CONFIG_EXAMPLE}")
+    return found
+
+
+def _yaml_message(path: Path, err: yaml.YAMLError) -> str:
+    mark = getattr(err, "problem_mark", None)
+    where = f"config {path}" + (f" line {mark.line + 1}" if mark is not None else "")
+    tag = re.search(r"constructor for the tag '([^']+)'", str(err))
+    if tag:
+        name = tag.group(1).replace("tag:yaml.org,2002:", "!!")
+        return (f"{where}: the YAML tag '{name}' is not allowed (configs are plain YAML; tags that build "
+                f"Python objects could run code and are never executed); write the plain value instead, as in "
+                f"{CONFIG_EXAMPLE}")
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    return f"{where}: the file is not valid YAML ({problem}); fix it, or start from {CONFIG_EXAMPLE}"
+
+
+def _check_kind(cfg: DictConfig, path: Path) -> None:
+    """Every key of the shipped configs/digits.yaml must be set: a sampler's config (RAR, AliTok,
+    LlamaGen) is named as such instead of failing later on a missing key."""
+    required, present = _leaf_keys(OmegaConf.load(CONFIG_PATH)), set(_leaf_keys(cfg))
+    missing = [k for k in required if k not in present]
+    if not missing:
+        return
+    absent = [section for section in dict.fromkeys(k.split(".")[0] for k in required) if section not in cfg]
+    if absent:
+        names = ", ".join(absent[:-1]) + " or " + absent[-1] if len(absent) > 1 else absent[0]
+        raise ConfigError(f"config {path} is not a digits demo config (it has no {names} section)"
+                          f"{_other_kind(cfg, path)}; pass a digits demo config such as {CONFIG_EXAMPLE}")
+    shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+    raise ConfigError(f"config {path} lacks {shown}: a digits demo config sets every key of {CONFIG_EXAMPLE}; "
+                      f"add them (copy configs/digits.yaml and edit it)")
+
+
+def _leaf_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
+    """"a.b.c" for every leaf, in file order; values are not resolved (an interpolation is checked
+    where it is used)."""
+    keys = []
+    for key, value in cfg.items_ex(resolve=False):
+        keys += _leaf_keys(value, f"{prefix}{key}.") if isinstance(value, DictConfig) else [f"{prefix}{key}"]
+    return keys
+
+
+def _other_kind(cfg: DictConfig, path: Path) -> str:
+    """"; it is a RAR sampler config: use rar/sample_imagenet.py" when the file or its
+    experiment.name names a model family, else ""."""
+    from softcfg_patch.run import registry
+    for name in (path.stem, str(OmegaConf.select(cfg, "experiment.name", default="",
+                                                      throw_on_resolution_failure=False))):
+        try:
+            family = registry.get(name)
+        except KeyError:
+            continue
+        article = "an" if family.title[0] in "AEIOU" else "a"
+        return f"; it is {article} {family.title} sampler config: use {family.script}"
+    return ""
 
 
 # -- data ------------------------------------------------------------------------------
@@ -282,6 +368,7 @@ def train_all(cfg: DictConfig, out: str | Path, progress: bool = True) -> dict:
     return record
 
 
+@exit_on_error()  # a bad --config: `error: ...`, exit status 2
 def main() -> None:
     parser = argparse.ArgumentParser(description="Train the digits generator and classifier.")
     parser.add_argument("--config", default=str(CONFIG_PATH))

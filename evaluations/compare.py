@@ -118,6 +118,14 @@ def pairing_of(a: NpzImages, b: NpzImages, n: int, args) -> str:
         return f"paired by {args.paired_by}; the files carry no sampling manifest"
 
 
+def warn_if_same(a: NpzImages, b: NpzImages, sha_a: str, sha_b: str) -> None:
+    """A and B with the same bytes (the same path twice, or a copy) compare as delta 0, p = 1: a
+    result that looks like "no difference" but only says the command named one file twice."""
+    if sha_a == sha_b:
+        print(f"warning: A and B are the same file ('{a.path}' and '{b.path}' have the same SHA-256 "
+              f"{sha_a[:16]}...): every delta is 0 and p = 1; pass two different sample batches", file=sys.stderr)
+
+
 # ----------------------------------------------------------------------------- statistics
 
 def unpaired_bootstrap(ref: dict, acts_a: dict, acts_b: dict, args) -> dict:
@@ -175,6 +183,7 @@ def compare(args: argparse.Namespace, network: tuple | None = None) -> dict:
             raise BatchFileError(f"need at least {E.MIN_IMAGES} reference and sample images, got {len(ref)} and {n}")
         pairing = "unpaired (independent bootstraps)" if args.unpaired else pairing_of(a, b, n, args)
         shas = E.verify_files(ref, a, b)  # before any number: a corrupt file is an error
+        warn_if_same(a, b, shas[1], shas[2])
         ref_stats = {} if args.recompute_ref_stats else E._precomputed_stats(ref)
         args.torch_device = E.resolve_device(args.device)
         model, weights, _ = network or E.load_network(args, args.torch_device)
@@ -205,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print("\n".join(report_lines(result)))
     if args.json:
-        E.write_json(args.json, {k: v for k, v in result.items() if k != "settings"}, result["settings"])
+        return E.write_json_or_explain(args.json, {k: v for k, v in result.items() if k != "settings"},
+                                       result["settings"])
     return 0
 
 

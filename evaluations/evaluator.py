@@ -25,6 +25,7 @@ import json
 import os
 import queue
 import sys
+import tempfile
 import threading
 import zipfile
 from pathlib import Path
@@ -41,7 +42,7 @@ from tqdm import tqdm
 from evaluations import metrics
 from evaluations.inception import NORMALIZE_MODES, RESIZE_MODES, WEIGHTS_ENV, FIDInception, find_weights
 from evaluations.npz import BatchFileError, NpzImages, file_sha256, verified_sha256
-from softcfg_patch.errors import SoftCFGError
+from softcfg_patch.errors import ConfigError, SoftCFGError
 from softcfg_patch.run.output import atomic_write, save_npz
 
 CACHE_VERSION = 1
@@ -293,9 +294,33 @@ def _precomputed_stats(images: NpzImages) -> dict:
 
 
 def check_json_target(path: str | None) -> None:
-    """--json's folder must exist before any work is done (the result is written at the end)."""
-    if path and not Path(path).resolve().parent.is_dir():
-        raise FileNotFoundError(f"--json {path}: folder {Path(path).resolve().parent} does not exist")
+    """ConfigError unless --json PATH can be written, checked before any work is done: the result
+    is written at the end, and an hour of evaluation must not end in a traceback over it."""
+    if not path:
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise ConfigError(f"--json {path} is a folder; give a file name, e.g. --json {target / 'results.json'}")
+    folder = target.absolute().parent  # where atomic_write puts its temporary (a symlink is replaced)
+    if not folder.exists():
+        raise ConfigError(f"--json {path}: folder {folder} does not exist; create it or choose another path")
+    if not folder.is_dir():
+        raise ConfigError(f"--json {path}: {folder} is a file, not a folder; choose another path")
+    _probe_writable(folder, f"--json {path}: folder {folder}")
+    if target.is_file() and not os.access(target, os.W_OK):  # write-protected: do not replace it behind its back
+        raise ConfigError(f"--json {path} exists and is not writable (Permission denied); make it writable "
+                          f"(chmod u+w) or choose another path")
+
+
+def _probe_writable(folder: Path, what: str) -> None:
+    """Create and delete a temporary file in `folder`: the one test that sees permissions, ACLs
+    and read-only mounts alike."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".softcfg-write-probe.", dir=folder)
+    except OSError as err:
+        raise ConfigError(f"{what} is not writable ({err.strerror or err}); choose a writable folder") from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 def evaluate(args: argparse.Namespace) -> tuple[dict, dict]:
@@ -375,6 +400,18 @@ def write_json(path: str, results: dict, settings: dict) -> None:
     atomic_write(Path(path), lambda tmp: tmp.write_text(text))
 
 
+def write_json_or_explain(path: str, results: dict, settings: dict) -> int:
+    """write_json after the results were printed: a failure now (disk full, folder removed) is
+    one line and exit 2, and the printed results stand."""
+    try:
+        write_json(path, results, settings)
+    except OSError as err:
+        print(f"error: could not write --json {path} ({err.strerror or err}); the results printed above are "
+              f"complete", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -387,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
     if "bootstrap" in results:
         print("\n".join(bootstrap_lines(results["bootstrap"])))
     if args.json:
-        write_json(args.json, results, settings)
+        return write_json_or_explain(args.json, results, settings)
     return 0
 
 

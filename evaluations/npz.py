@@ -44,6 +44,10 @@ class NpzImages:
         try:
             self._zip = zipfile.ZipFile(self.path)
         except zipfile.BadZipFile as err:
+            cut = truncation(self.path)
+            if cut:
+                raise BatchFileError(f"{role} file '{self.path}' looks truncated: {cut}; the file was probably cut "
+                                     f"short by an interrupted copy or write: copy or write it again") from err
             raise BatchFileError(f"{role} file '{self.path}' is not an .npz (zip) file ({err}); save images "
                                  f"with np.savez(path, images) where images is uint8 [N, H, W, 3]") from err
         names = self._zip.namelist()
@@ -155,6 +159,72 @@ def _read_npy_header(f) -> tuple[tuple, np.dtype, bool, bool]:
     else:
         raise BatchFileError(f"unsupported .npy format version {version}; rewrite the file with np.savez")
     return tuple(shape), np.dtype(dtype), bool(fortran), not (fortran or dtype.hasobject)
+
+
+LOCAL_HEADER = struct.Struct("<4s2xH10xIIHH")  # magic, flags, compressed and uncompressed size, name/extra lengths
+LOCAL_MAGIC = b"PK\x03\x04"
+DATA_DESCRIPTOR = 0x08  # flag bit: the sizes follow the data (a zip written to a stream)
+ZIP64_EXTRA = 0x0001
+
+
+def truncation(path: Path) -> str | None:
+    """Where a zip whose end record zipfile cannot find stops, walking its local headers from
+    the start (a truncated file keeps those); None for a file that does not start like a zip."""
+    size = path.stat().st_size
+    where, members, pos = f"its {size:,} bytes", [], 0
+    with open(path, "rb") as f:
+        if f.read(4) != LOCAL_MAGIC:
+            return None
+        while True:
+            member = _local_member(f, pos)
+            if member is None:  # past the last member: the central directory was cut off
+                return (f"{where} hold all {len(members)} members ({', '.join(members)}) but the zip's end record "
+                        f"is missing")
+            if member == "cut":
+                return (f"{where} end inside the zip header of member {len(members) + 1}, and the zip's end record "
+                        f"is missing")
+            name, flags, start, csize = member
+            if flags & DATA_DESCRIPTOR:  # the sizes come after the data: how much is missing is unknown
+                return (f"{where} end in or after member {name}, whose sizes are in a data descriptor after its "
+                        f"data, and the zip's end record is missing")
+            if start + csize > size:
+                return (f"{where} end inside member {name}, which needs {csize:,} bytes of data and has "
+                        f"{max(size - start, 0):,}, and the zip's end record is missing")
+            members.append(name)
+            pos = start + csize
+
+
+def _local_member(f, pos: int):
+    """(name, flags, first data byte, compressed size) of the local header at `pos`; None when
+    no header starts there, "cut" when the file ends inside it."""
+    f.seek(pos)
+    header = f.read(LOCAL_HEADER.size)
+    if not header or not LOCAL_MAGIC.startswith(header[:4]):
+        return None
+    if len(header) < LOCAL_HEADER.size:
+        return "cut"
+    _, flags, csize, usize, name_len, extra_len = LOCAL_HEADER.unpack(header)
+    name, extra = f.read(name_len), f.read(extra_len)
+    if len(name) < name_len or len(extra) < extra_len:
+        return "cut"
+    start = pos + LOCAL_HEADER.size + name_len + extra_len
+    return name.decode("utf-8", "replace"), flags, start, _zip64_compressed_size(extra, csize, usize)
+
+
+def _zip64_compressed_size(extra: bytes, csize: int, usize: int) -> int:
+    """The compressed size, from the zip64 extra field when the header says 0xFFFFFFFF (np.savez
+    always writes zip64 headers)."""
+    if csize != 0xFFFFFFFF:
+        return csize
+    i = 0
+    while i + 4 <= len(extra):
+        tag, length = struct.unpack_from("<HH", extra, i)
+        if tag == ZIP64_EXTRA:  # 8-byte fields, in order, only for the sizes set to 0xFFFFFFFF
+            fields = struct.unpack_from(f"<{min(length, len(extra) - i - 4) // 8}Q", extra, i + 4)
+            index = 1 if usize == 0xFFFFFFFF else 0
+            return fields[index] if index < len(fields) else csize
+        i += 4 + length
+    return csize
 
 
 def _member_spans(path: Path) -> list[tuple[zipfile.ZipInfo, int, int]]:

@@ -8,6 +8,8 @@ loaded with `load_state_dict(assign=True)`, so the weights are never held twice.
 from __future__ import annotations
 
 import argparse
+import pickle
+import re
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -46,12 +48,53 @@ def read_state_dict(path: str | Path, *, what: str, source: str,
     try:
         state = _load_file(path)
     except Exception as err:  # corrupt, truncated, pickled objects, or not a checkpoint at all
-        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+        refused = _refused_global(err)
+        if refused:
+            raise error(_pickle_message(path, what, source, refused)) from err
+        reason = _reason(err)
         raise error(
             f"could not read {what} checkpoint '{path}' ({type(err).__name__}{': ' + reason if reason else ''}; "
             f"only tensors are loaded, with weights_only=True): the file is truncated, corrupt, not a "
             f"PyTorch/safetensors checkpoint, or holds pickled objects; download it again from {source}") from err
     return _unwrap(state, path, what, source, error)
+
+
+def _weights_only_detail(err: Exception) -> str | None:
+    """The weights-only unpickler's own reason (e.g. "Unsupported global: GLOBAL os.system was
+    not an allowed global by default."), without torch's paragraph of advice around it ("" when
+    torch gives none); None for errors that are not a weights-only refusal."""
+    text = str(err)
+    if not isinstance(err, pickle.UnpicklingError) or not text.startswith("Weights only load failed"):
+        return None
+    detail = text.split("WeightsUnpickler error:", 1)[1].strip() if "WeightsUnpickler error:" in text else ""
+    return detail.splitlines()[0].strip() if detail else ""
+
+
+def _refused_global(err: Exception) -> str | None:
+    """The class or function a full pickle needs (what weights_only=True refuses), if that is the error."""
+    match = re.match(r"Unsupported (?:global: GLOBAL|class) (\S+)", _weights_only_detail(err) or "")
+    return match.group(1) if match else None
+
+
+def _reason(err: Exception) -> str:
+    """One short line of why torch/safetensors failed: the weights-only unpickler's reason (its
+    message opens with a paragraph of advice that does not fit a line), else the first line."""
+    detail = _weights_only_detail(err)
+    if detail is not None:
+        return detail[:200] or "refused by the weights-only unpickler"
+    text = str(err).strip()
+    return text.splitlines()[0][:200] if text else ""
+
+
+def _pickle_message(path: Path, what: str, source: str, refused: str) -> str:
+    """Why a full pickle is refused, what is accepted, and how to convert a file one trusts."""
+    return (f"could not read {what} checkpoint '{path}': it holds pickled objects (it needs '{refused}', which is "
+            f"not a tensor), refused because unpickling can run arbitrary code. Accepted: safetensors files, or a "
+            f"plain state dict of tensors saved with torch.save(model.state_dict(), path), which loads with "
+            f"torch.load(path, weights_only=True). To convert the file, only if you trust its source, in a trusted "
+            f"environment: obj = torch.load(path, weights_only=False); torch.save(obj.state_dict(), 'fixed.pth') "
+            f"(for a dict, save its tensors), or save them with safetensors.torch.save_file; otherwise download "
+            f"the official file from {source}")
 
 
 def _load_file(path: Path):

@@ -5,7 +5,11 @@ is tested in test_inception.py / test_evaluator_cli.py), so each run takes milli
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -15,6 +19,9 @@ import pytest
 from evaluations import compare as C
 from evaluations import evaluator as E
 from evaluations import metrics as M
+from test_run_manifest import unprivileged
+
+ROOT = Path(__file__).resolve().parents[1]
 
 SIZE, N = 8, 48
 DIMS = {"pool": 2048, "spatial": 2023, "logits": 1008}
@@ -157,3 +164,45 @@ def test_bad_options(capsys):
         with pytest.raises(SystemExit) as err:
             C.main(["r.npz", "a.npz", "b.npz", *args])
         assert err.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_same_file_twice_warns_and_goes_on(files, capsys):
+    copy = Path(shutil.copy(files["a"], files["tmp"] / "a_copy.npz"))  # other path, same bytes
+    sha = E.file_sha256(files["a"])
+    for b in (files["a"], copy):
+        rc, stdout, stderr = run(capsys, files["ref"], files["a"], b, "--bootstrap", "10")
+        assert rc == 0, stderr
+        warnings = [line for line in stderr.splitlines() if "same file" in line]
+        assert len(warnings) == 1 and warnings[0].startswith("warning: A and B are the same file"), stderr
+        assert sha[:12] in warnings[0] and str(b) in warnings[0]
+        assert "FID: no detectable difference at this N (p = 1)" in stdout  # and it went on
+    rc, _, stderr = run(capsys, files["ref"], files["a"], files["b"], "--bootstrap", "10")
+    assert rc == 0 and "same file" not in stderr
+
+
+def test_json_path_that_is_a_folder_is_refused_before_any_work(files, capsys, fake_network):
+    rc, stdout, stderr = run(capsys, files["ref"], files["a"], files["b"], "--bootstrap", "10",
+                             "--json", files["tmp"])
+    assert rc == 2 and stderr.startswith(f"error: --json {files['tmp']} is a folder"), stderr
+    assert stderr.count("\n") == 1 and stdout == "" and fake_network == []
+
+
+def test_unwritable_json_folder_is_refused_before_any_image_is_read(files):
+    ro = files["tmp"] / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "evaluations/compare.py", str(files["ref"]), str(files["a"]), str(files["b"]),
+           "--json", str(ro / "cmp.json"), "--inception-weights", str(files["tmp"] / "no_such.pth"),
+           "--image-size", "0", "--device", "cpu"]
+    try:
+        probe = subprocess.run(unprivileged([sys.executable, "-c", f"open({str(ro / 'x')!r}, 'w')"]),
+                               env=env, capture_output=True, text=True)
+        assert probe.returncode != 0 and "Permission denied" in probe.stderr, "the folder must really be read-only"
+        proc = subprocess.run(unprivileged(cmd), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        ro.chmod(0o755)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith(f"error: --json {ro / 'cmp.json'}: folder {ro} is not writable (Permission "
+                                  f"denied)"), proc.stderr
+    assert proc.stdout == "" and list(ro.iterdir()) == [] and not list(files["tmp"].glob("*.fid-inception-*"))

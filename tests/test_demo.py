@@ -198,6 +198,32 @@ def test_bad_options_exit_2_in_one_line(tmp_path, capsys):
     assert (tmp_path / "file").read_text() == "x"
 
 
+def test_bad_configs_exit_2_in_one_line(tmp_path, capsys, monkeypatch):
+    marker = tmp_path / "ran"
+    (tmp_path / "tag.yaml").write_text(f'demo: !!python/object/apply:os.system ["touch {marker}"]\n')
+    (tmp_path / "broken.yaml").write_text("demo: [1, 2\n")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    (tmp_path / "partial.yaml").write_text(OmegaConf.to_yaml({**OmegaConf.to_container(digits.load_config()),
+                                                              "demo": {"seed": 0}}))
+    monkeypatch.chdir(tmp_path)  # a relative path is looked up here, then in the repository
+    for config, message in (
+            ("missing.yaml", "config file not found: missing.yaml (looked in "),
+            ("tag.yaml", "line 1: the YAML tag '!!python/object/apply:os.system' is not allowed"),
+            ("broken.yaml", "is not valid YAML"),
+            ("list.yaml", "holds a list, not a digits demo config"),
+            ("configs/rar_b.yaml", "is not a digits demo config (it has no data, train, classifier or demo section); "
+                                   "it is a RAR sampler config: use rar/sample_imagenet.py"),
+            ("configs/alitok_xl.yaml", "it is an AliTok sampler config: use alitok/sample_imagenet.py"),
+            ("partial.yaml", "lacks demo.samples_per_class, demo.guidance_scales")):
+        with pytest.raises(SystemExit) as err:
+            run.main(["--quick", "--config", config, "--out", str(tmp_path / "out")])
+        stderr = capsys.readouterr().err
+        assert err.value.code == 2 and stderr.startswith("error: ") and stderr.count("\n") == 1, stderr
+        assert message in stderr and "configs/digits.yaml" in stderr, (message, stderr)
+    assert not marker.exists()  # the python tag was never executed
+    assert not (tmp_path / "out").exists()  # refused before any output
+
+
 def test_missing_or_broken_weights_exit_2_in_one_line(cfg, tmp_path, capsys, monkeypatch):
     load_generator = digits.load_generator  # the shared checkpoint loader's errors, as elsewhere
     monkeypatch.setattr(digits, "load_generator", lambda cfg, weights_dir=tmp_path: load_generator(cfg, weights_dir))

@@ -1,6 +1,7 @@
 """The evaluator command line (python evaluations/evaluator.py REF SAMPLE) and the npz streaming reader."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -20,6 +21,7 @@ from evaluations import metrics as M
 from evaluations.inception import FIDInception
 from evaluations.npz import BatchFileError, NpzImages
 from test_inception import RECIPE, recipe_state_dict
+from test_run_manifest import unprivileged
 
 ROOT = Path(__file__).resolve().parents[1]
 ADM_PROGRESS = ["computing reference batch activations...", "computing/reading reference batch statistics...",
@@ -57,7 +59,10 @@ def script_run(weights, batches):
     out = ref.parent / "out.json"
     cmd = [sys.executable, "evaluations/evaluator.py", str(ref), str(sample), "--inception-weights", str(weights),
            "--json", str(out), "--fid-method", "eigh", "--batch-size", "3", "--device", "cpu"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    # the thread count of this process (conftest), whatever OMP_NUM_THREADS says: conv sums
+    # split over another number of threads differ by ~1e-5, and the features are compared below
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc, json.loads(out.read_text())
 
@@ -324,6 +329,7 @@ def _bad_input_cases(tmp: Path, sample: Path) -> list[tuple[list, str]]:
         ([tmp / "ok.npz", sample, "--inception-weights", tmp / "nope.pth"],
          "nope.pth.*pt_inception-2015-12-05-6726825d.pth.*github.com/mseitzer/pytorch-fid/releases"),
         ([tmp / "ok.npz", sample, "--json", tmp / "no_dir" / "out.json"], "no_dir does not exist"),
+        ([tmp / "ok.npz", sample, "--json", tmp / "text.npz" / "out.json"], "text.npz is a file, not a folder"),
         ([tmp / "ok.npz", sample, "--device", "tpu9"], "--device"),
         # a flipped byte in a row that --num-samples does not even read: the whole member's CRC is checked
         ([tmp / "ok.npz", corrupt(save("stored.npz", _images(6), labels=np.arange(6)), -4000), "--num-samples", "4"],
@@ -341,6 +347,71 @@ def test_bad_inputs_exit_2_with_a_reason_and_no_result(tmp_path, batches, capsys
         assert stderr.startswith("error: ") and re.search(message, stderr), (message, stderr)
         assert stderr.count("\n") == 1, stderr  # one line
         assert not any(stdout.startswith(label) or f"\n{label}:" in stdout for label in LABELS), stdout
+
+
+def test_json_path_that_is_a_folder_is_refused_before_any_work(batches, weights, recorder, capsys, tmp_path):
+    rc, stdout, stderr = _main(capsys, *batches, "--inception-weights", weights, "--json", tmp_path)
+    assert rc == 2 and stderr.startswith(f"error: --json {tmp_path} is a folder") and stderr.count("\n") == 1, stderr
+    assert "results.json" in stderr  # says what to pass instead
+    assert stdout == "" and recorder.activation_calls == []
+
+
+def test_json_folder_on_a_read_only_file_system_is_refused(batches, recorder, capsys, tmp_path, monkeypatch):
+    import errno
+    import tempfile
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    rc, stdout, stderr = _main(capsys, *batches, "--json", tmp_path / "out.json")
+    assert rc == 2 and stderr.count("\n") == 1, stderr
+    assert f"folder {tmp_path} is not writable (Read-only file system)" in stderr and stdout == ""
+    assert recorder.activation_calls == []
+
+
+def test_unwritable_json_target_is_refused_before_any_image_is_read(batches, weights, tmp_path):
+    """As a user without the capabilities that ignore file permissions (CI runs as root): an
+    unwritable folder, and an existing read-only file, are refused in one line before the
+    network is run; no activation cache is written next to the batches."""
+    ref, sample = (Path(shutil.copy(p, tmp_path)) for p in batches)  # fresh: no cache next to them
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    (tmp_path / "old.json").write_text("{}")
+    (tmp_path / "old.json").chmod(0o444)
+    ro.chmod(0o555)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    try:
+        probe = subprocess.run(unprivileged([sys.executable, "-c", f"open({str(ro / 'x')!r}, 'w')"]),
+                               env=env, capture_output=True, text=True)
+        assert probe.returncode != 0 and "Permission denied" in probe.stderr, "the folder must really be read-only"
+        for target, message in ((ro / "out.json", f"folder {ro} is not writable (Permission denied)"),
+                                (tmp_path / "old.json", "is not writable (Permission denied)")):
+            cmd = [sys.executable, "evaluations/evaluator.py", str(ref), str(sample), "--inception-weights",
+                   str(weights), "--json", str(target), "--device", "cpu"]
+            proc = subprocess.run(unprivileged(cmd), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+            assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+            assert proc.stderr.startswith(f"error: --json {target}") and message in proc.stderr, proc.stderr
+            assert proc.stderr.count("\n") == 1 and "computing" not in proc.stdout, proc.stdout
+    finally:
+        ro.chmod(0o755)
+    assert list(ro.iterdir()) == [] and not list(tmp_path.glob("*.fid-inception-*"))
+    assert (tmp_path / "old.json").read_text() == "{}"
+
+
+def test_json_write_failure_at_the_end_keeps_the_printed_results(batches, weights, recorder, loaded_once, capsys,
+                                                                  tmp_path, monkeypatch):
+    def full_disk(path, write):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(E, "atomic_write", full_disk)
+    rc, stdout, stderr = _main(capsys, *batches, "--inception-weights", weights, "--json", tmp_path / "out.json")
+    assert rc == 2 and "Traceback" not in stderr, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [stderr.splitlines()[-1]], stderr  # one line, after the warnings of the run
+    assert errors[0].startswith(f"error: could not write --json {tmp_path / 'out.json'} (No space left on device)")
+    assert stdout.strip().splitlines()[-5:] == [f"{label}: {v}" for label, v in zip(LABELS, [1.5, 2.5, 3.5, 0.75,
+                                                                                              0.25])]
 
 
 class _NaNNetwork(torch.nn.Module):
@@ -428,6 +499,69 @@ def test_streaming_reads_npy_v2_headers_and_fortran_order(tmp_path):
         reader = NpzImages(tmp_path / "f.npz", image_size=32)
     with reader:
         assert np.array_equal(np.concatenate(list(reader.batches(3))), rows)
+
+
+def _cut(path: Path, keep: int) -> Path:
+    """The first `keep` bytes of `path`, as an interrupted copy leaves them."""
+    cut = path.with_name(f"cut_{keep}_{path.name}")
+    cut.write_bytes(path.read_bytes()[:keep])
+    return cut
+
+
+class _Pipe:
+    """A write-only stream (no seek): zipfile then puts each member's sizes in a data descriptor."""
+
+    def __init__(self):
+        self.data = bytearray()
+
+    def write(self, b) -> int:
+        self.data += b
+        return len(b)
+
+    def flush(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("saver", [np.savez, np.savez_compressed])
+def test_truncated_npz_says_where_it_ends(tmp_path, saver):
+    saver(tmp_path / "x.npz", _images(6, size=16, seed=6), np.arange(6))
+    with zipfile.ZipFile(tmp_path / "x.npz") as zf:
+        info = zf.getinfo("arr_0.npy")
+    size = (tmp_path / "x.npz").stat().st_size
+    half = _cut(tmp_path / "x.npz", size // 2)
+    with pytest.raises(BatchFileError) as err:
+        NpzImages(half, image_size=16, role="sample")
+    text = str(err.value)
+    assert text.startswith(f"sample file '{half}' looks truncated: its {size // 2:,} bytes end inside member "
+                           f"arr_0.npy, which needs {info.compress_size:,} bytes of data"), text
+    assert "not an .npz" not in text and "end record is missing" in text and "copy or write it again" in text
+    assert "\n" not in text
+    no_end = _cut(tmp_path / "x.npz", size - 10)  # every member whole, the zip's directory cut off
+    with pytest.raises(BatchFileError, match=rf"its {size - 10:,} bytes hold all 2 members \(arr_0.npy, "
+                                             rf"arr_1.npy\) but the zip's end record is missing"):
+        NpzImages(no_end, image_size=16)
+
+
+def test_truncated_npz_with_sizes_in_a_data_descriptor(tmp_path):
+    pipe = _Pipe()
+    with zipfile.ZipFile(pipe, "w") as zf:
+        with zf.open("arr_0.npy", "w") as member:
+            np.lib.format.write_array(member, _images(4, size=16))
+    with zipfile.ZipFile(io.BytesIO(bytes(pipe.data))) as zf:
+        assert zf.getinfo("arr_0.npy").flag_bits & 0x08  # the case: sizes after the data
+    (tmp_path / "piped.npz").write_bytes(bytes(pipe.data[:len(pipe.data) // 2]))
+    with pytest.raises(BatchFileError) as err:
+        NpzImages(tmp_path / "piped.npz", image_size=16)
+    text = str(err.value)
+    assert f"looks truncated: its {len(pipe.data) // 2:,} bytes" in text and "end record is missing" in text
+    assert "data descriptor" in text and "copy or write it again" in text and "needs" not in text
+
+
+def test_a_file_that_is_not_a_zip_keeps_the_savez_advice(tmp_path):
+    (tmp_path / "png.npz").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(100))
+    with pytest.raises(BatchFileError, match=r"is not an .npz \(zip\) file .*np.savez\(path, images\)") as err:
+        NpzImages(tmp_path / "png.npz")
+    assert "truncated" not in str(err.value)
 
 
 def test_prefetch_keeps_order_and_reraises():

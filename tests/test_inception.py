@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from evaluations import inception as I
 from evaluations.inception import FIDInception, InceptionWeightsError
+from softcfg_patch.checkpoint import CheckpointError, read_state_dict
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 KEYS = json.loads((FIXTURES / "inception" / "keys_fid_inception.json").read_text())
@@ -132,6 +133,37 @@ def test_loading_rejects_wrong_files(recipe, tmp_path):
 class _Evil:
     def __reduce__(self):
         return (print, ("should never run",))
+
+
+def _assert_explains_the_pickle_refusal(text: str, path: Path) -> None:
+    """Our own whole sentence, not torch's cut in half: why, what is accepted, how to convert."""
+    assert str(path) in text and "\n" not in text and "\x1b" not in text, text
+    assert "holds pickled objects" in text and "(it needs 'print', which" in text  # the refused global
+    assert "can run arbitrary code" in text and "safetensors" in text and "weights_only=True" in text
+    assert "only if you trust" in text and ".state_dict()" in text
+    assert "In PyTorch 2.6" not in text and "`False` to `True`" not in text and "two options" not in text
+
+
+def test_a_full_pickle_is_refused_with_our_own_explanation(tmp_path):
+    torch.save({"fc.weight": torch.zeros(2), "obj": _Evil()}, tmp_path / "code.pth")
+    with pytest.raises(InceptionWeightsError) as err:  # the Inception loader
+        FIDInception(weights=tmp_path / "code.pth")
+    _assert_explains_the_pickle_refusal(str(err.value), tmp_path / "code.pth")
+    assert "pt_inception-2015-12-05-6726825d.pth" in str(err.value)
+    torch.save({"x": torch.zeros(1), "obj": _Evil()}, tmp_path / "old.bin", _use_new_zipfile_serialization=False)
+    with pytest.raises(CheckpointError) as err:  # the generic loader every model uses; the legacy format too
+        read_state_dict(tmp_path / "old.bin", what="test generator", source="https://example.org/weights")
+    _assert_explains_the_pickle_refusal(str(err.value), tmp_path / "old.bin")
+    assert str(err.value).startswith("could not read test generator checkpoint") and "example.org" in str(err.value)
+
+
+def test_a_file_that_is_no_checkpoint_quotes_no_half_sentence_of_torch(tmp_path):
+    (tmp_path / "noise.pth").write_bytes(b"\x80\x02not a checkpoint" * 50)
+    with pytest.raises(CheckpointError) as err:
+        read_state_dict(tmp_path / "noise.pth", what="test generator", source="https://example.org/weights")
+    text = str(err.value)
+    assert "could not read test generator checkpoint" in text and "download it again" in text
+    assert "In PyTorch 2.6" not in text and "`False` to `True`" not in text and "\n" not in text, text
 
 
 def test_missing_weights_names_the_published_file(tmp_path, monkeypatch):
