@@ -89,7 +89,7 @@ def render(model, input_ids, attention_mask, guidance, seed: int, cache: str):
     """One image per prompt row as uint8 [B, H, W, 3], sampled from `seed`."""
     import torch
 
-    from softcfg_patch.hf_janus import janus_generate_images
+    from softcfg_patch.hf import janus_generate_images
 
     generator = torch.Generator(device=input_ids.device).manual_seed(seed)
     tokens = janus_generate_images(model, input_ids, guidance, attention_mask, generator=generator,

@@ -27,7 +27,8 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb  # noq
 
 from softcfg_patch import Guidance  # noqa: E402
 from softcfg_patch.guidance import guidance_schedule  # noqa: E402
-from softcfg_patch.rule import image_position_weights, token_confidence  # noqa: E402
+from softcfg_patch.rule import aligned_multipliers, token_confidence  # noqa: E402
+from softcfg_patch.step import next_multipliers  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = 64
@@ -233,24 +234,24 @@ def test_structural_positions_keep_weight_one_and_leave_the_normalisation():
     history = torch.rand(2, 7, generator=torch.Generator().manual_seed(5)) * 0.9 + 0.05
     structural = torch.zeros(2, 7, dtype=torch.bool)
     structural[:, [2, 5]] = True
-    weights = hf.generated_position_weights(history, structural, g)
+    weights = next_multipliers(history, g, structural)
     keep = [0, 1, 3, 4, 6]
     assert torch.equal(weights[:, [2, 5]], torch.ones(2, 2))
     torch.testing.assert_close(weights[:, keep],
-                               image_position_weights(history[:, keep], 1.0, True))
+                               aligned_multipliers(history[:, keep], 1.0, True))
     # rows with markers at different steps are compressed one by one
     structural[1] = False
     structural[1, 3] = True
-    weights = hf.generated_position_weights(history, structural, g)
+    weights = next_multipliers(history, g, structural)
     torch.testing.assert_close(
-        weights[0], hf.generated_position_weights(history[:1], structural[:1], g)[0])
+        weights[0], next_multipliers(history[:1], g, structural[:1])[0])
     keep1 = [0, 1, 2, 4, 5, 6]
     torch.testing.assert_close(weights[1, keep1],
-                               image_position_weights(history[1:, keep1], 1.0, True)[0])
+                               aligned_multipliers(history[1:, keep1], 1.0, True)[0])
     assert weights[1, 3] == 1
     # without markers it is exactly the rule
-    assert torch.equal(hf.generated_position_weights(history, None, g),
-                       image_position_weights(history, 1.0, True))
+    assert torch.equal(next_multipliers(history, g, None),
+                       aligned_multipliers(history, 1.0, True))
 
 
 def test_sampler_records_conditional_confidence_and_sets_next_multipliers():
@@ -282,7 +283,7 @@ def test_sampler_records_conditional_confidence_and_sets_next_multipliers():
         want = torch.ones(2, t + 1)
         for row in range(2):  # each row's rule runs on its own non-structural positions
             keep = (~markers[row]).nonzero()[:, 0]
-            want[row, keep] = image_position_weights(hist[row:row + 1, keep], 1.0, True)[0]
+            want[row, keep] = aligned_multipliers(hist[row:row + 1, keep], 1.0, True)[0]
         table = cache.multiplier_table
         torch.testing.assert_close(table[uncond_rows, P:P + t + 1], want)
         assert torch.equal(table[cond_rows], torch.ones_like(table[cond_rows]))
@@ -551,7 +552,7 @@ def test_on_step_hook_has_the_sampler_signature():
 
 
 def test_janus_glue_imports_first_or_through_hf():
-    code = ("import softcfg_patch.hf_janus as j, softcfg_patch.hf as h; "
+    code = ("import softcfg_patch.hf.janus as j, softcfg_patch.hf as h; "
             "assert h.janus_generate_images is j.janus_generate_images and h.janus_softcfg is j.janus_softcfg")
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)

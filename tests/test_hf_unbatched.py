@@ -1,4 +1,4 @@
-"""SoftCFGUnbatchedLogitsProcessor (softcfg_patch.hf_unbatched) and scripts/t2i_emu3.py.
+"""SoftCFGUnbatchedLogitsProcessor (softcfg_patch.hf.unbatched) and scripts/t2i_emu3.py.
 
 Tiny random Llama (MHA), Emu3 (GQA, full Emu3ForConditionalGeneration) and Chameleon
 (GQA) built in process; nothing is downloaded. The reference for the guided logits is

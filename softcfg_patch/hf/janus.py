@@ -2,8 +2,8 @@
 
 Janus builds its batch as `input_ids.repeat(2, 1)`: rows [0, B) conditional, rows
 [B, 2B) unconditional (prompt replaced by padding except BOS / BOI). The SoftCFG cache
-and logits processor of softcfg_patch.hf plug into that batch; nothing else is Janus
-specific. Needs the optional extra (transformers >= 5.22).
+and logits processor (hf.cache, hf.sampler) plug into that batch; nothing else is Janus
+specific.
 """
 from __future__ import annotations
 
@@ -11,23 +11,25 @@ from typing import Iterable, Optional
 
 import torch
 
-from .guidance import Guidance
+from ..guidance import Guidance
+from .cache import MultiplierCache, make_cache
+from .generate import cache_argument
+from .sampler import SoftCFGLogitsProcessor
 
 __all__ = ["janus_softcfg", "janus_generate_images"]
 
 
 def janus_softcfg(model: torch.nn.Module, guidance: Guidance, batch_size: int, prompt_length: int,
                   generator: Optional[torch.Generator] = None, cache_implementation: str = "static",
-                  structural_token_ids: Iterable[int] = ()) -> tuple[hf._MultiplierTableMixin,
-                                                                     hf.SoftCFGLogitsProcessor]:
+                  structural_token_ids: Iterable[int] = ()) -> tuple[MultiplierCache, SoftCFGLogitsProcessor]:
     """The (cache, logits processor) pair for Janus `generate(generation_mode="image")`.
 
     Janus builds its batch as `input_ids.repeat(2, 1)`: rows [0, B) conditional, rows
     [B, 2B) unconditional (prompt replaced by padding except BOS / BOI).
     """
     num_image_tokens = model.model.vision_model.config.num_image_tokens
-    cache = hf.make_cache(model, guidance, cache_implementation, prompt_length + num_image_tokens)
-    processor = hf.SoftCFGLogitsProcessor(guidance, num_image_tokens, torch.arange(batch_size),
+    cache = make_cache(model, guidance, cache_implementation, prompt_length + num_image_tokens)
+    processor = SoftCFGLogitsProcessor(guidance, num_image_tokens, torch.arange(batch_size),
                                        torch.arange(batch_size, 2 * batch_size), cache, generator,
                                        structural_token_ids)
     return cache, processor
@@ -43,7 +45,7 @@ def janus_generate_images(model: torch.nn.Module, input_ids: torch.Tensor, guida
     Guidance, schedule, temperature and sampling come from `guidance` and `generator`;
     Janus's own CFG processor still runs (it halves the batch) but sees identical rows.
     """
-    from transformers import LogitsProcessorList  # hf (imported below) checked the version
+    from transformers import LogitsProcessorList
 
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
@@ -59,13 +61,8 @@ def janus_generate_images(model: torch.nn.Module, input_ids: torch.Tensor, guida
                             generation_mode="image", do_sample=False, guidance_scale=janus_scale,
                             num_return_sequences=1,
                             logits_processor=LogitsProcessorList([processor]),
-                            **{hf.cache_argument(model): cache}, **generate_kwargs)
+                            **{cache_argument(model): cache}, **generate_kwargs)
     if not torch.equal(tokens.to(processor.tokens.device), processor.tokens):
         raise RuntimeError("Janus did not keep the SoftCFG tokens; pass do_sample=False and no "
                            "extra logits processors that change the scores")
     return tokens
-
-
-# Imported last: softcfg_patch.hf re-exports the functions above from its own last line,
-# so either module may be imported first.
-from . import hf  # noqa: E402

@@ -10,29 +10,31 @@ At call t (the call that scores x_t) it
   1. records the confidence of x_{t-1} (the last input id) under softmax(s / T) of the
      conditional scores s it received at call t - 1, T = guidance.randomize_temperature;
   2. writes the next multipliers of the unconditional generated positions with the one
-     rule (softcfg_patch.step.position_weights; prompt positions keep weight 1);
+     rule (softcfg_patch.step.next_multipliers; prompt positions keep weight 1);
   3. runs the unconditional forward of x_{t-1} through its SoftCFG cache;
   4. returns step.mix(log_softmax(s), log_softmax(z_u)) = the guided scores in
      transformers' log-softmax form, *before* temperature: `generate` divides by T,
      applies top-k / top-p and samples after it.
-Re-exported as `softcfg_patch.hf.SoftCFGUnbatchedLogitsProcessor`.
 """
 from __future__ import annotations
 
 import inspect
 import math
+import warnings
 from typing import Iterable, Optional
 
 import torch
 import torch.nn.functional as F
+import transformers
 from transformers import LogitsProcessor
 from transformers.generation.logits_process import (
     TemperatureLogitsWarper, UnbatchedClassifierFreeGuidanceLogitsProcessor,
 )
 
-from .guidance import Guidance
-from .step import (Schedule, StepHook, cfg_enabled, mix, position_weights, softcfg_enabled,
-                   token_confidence)
+from ..guidance import Guidance, runs_cfg, runs_softcfg
+from ..step import Schedule, StepHook, mix, next_multipliers, token_confidence
+from .cache import SoftCFGCache
+from .generate import model_forward
 
 __all__ = ["SoftCFGUnbatchedLogitsProcessor"]
 
@@ -83,8 +85,8 @@ class SoftCFGUnbatchedLogitsProcessor(LogitsProcessor):
                              f"model.generate), or use guidance_scale_pow=0 for a constant scale")
         self.guidance = guidance
         self.model = model
-        self.cfg = cfg_enabled(self, guidance)
-        self.softcfg = softcfg_enabled(self, guidance)
+        self.cfg = runs_cfg(guidance, self)
+        self.softcfg = runs_softcfg(guidance, self)
         if self.softcfg and not use_cache:
             raise ValueError("use_cache=False with softcfg_strength > 0: SoftCFG scales the "
                              "unconditional KV cache, so it needs use_cache=True")
@@ -94,7 +96,7 @@ class SoftCFGUnbatchedLogitsProcessor(LogitsProcessor):
         self.unconditional_ids = unconditional_ids
         self.unconditional_attention_mask = unconditional_attention_mask
         self.use_cache = use_cache
-        self.cache = hf.SoftCFGCache(guidance.softcfg_target, enabled=self.softcfg) if use_cache else None
+        self.cache = SoftCFGCache(guidance.softcfg_target, enabled=self.softcfg) if use_cache else None
         self.structural_ids = torch.as_tensor(sorted(set(int(i) for i in structural_token_ids or ())),
                                               dtype=torch.long)
         self.on_step = on_step
@@ -106,10 +108,7 @@ class SoftCFGUnbatchedLogitsProcessor(LogitsProcessor):
         self._recorded = 0
         self._last_scores: Optional[torch.Tensor] = None
 
-    @staticmethod
-    def guidance_is_off(scale: float) -> bool:
-        """transformers' rule for this processor: scale 1 is no guidance (0 is not)."""
-        return scale == 1
+    unguided_at = "1"  # transformers' rule for this processor: scale 1 is no guidance (0 is not)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         t = self.step
@@ -154,7 +153,7 @@ class SoftCFGUnbatchedLogitsProcessor(LogitsProcessor):
                                       g.softcfg_confidence),
                      torch.isin(previous_token, self.structural_ids) if markers else None)
         t = self._recorded
-        weights = position_weights(self._history[:, :t], g, self._structural[:, :t] if markers else None)
+        weights = next_multipliers(self._history[:, :t], g, self._structural[:, :t] if markers else None)
         self.cache.set_multipliers(self._rows, self._prompt_length, weights)
 
     def _record(self, confidence: torch.Tensor, structural: Optional[torch.Tensor]) -> None:
@@ -196,8 +195,8 @@ class SoftCFGUnbatchedLogitsProcessor(LogitsProcessor):
             # with a cache only x_{t-1} goes in; without, the whole sequence again
             self._ids = new if self.use_cache else torch.cat([self._ids, new], dim=1)
         if self.use_cache:
-            return hf._forward(self.model, self._ids, self._mask,
-                            self._positions[:, -self._ids.shape[1]:], self.cache)
+            return model_forward(self.model, self._ids, self._mask, self._positions[:, -self._ids.shape[1]:],
+                                 self.cache)
         out = self.model(input_ids=self._ids, attention_mask=self._mask,
                          position_ids=self._positions, use_cache=False)
         return out.logits[:, -1]
@@ -227,11 +226,16 @@ def _check_generate_settings(processor: SoftCFGUnbatchedLogitsProcessor, rows: i
     """On the first call, read `generate`'s settings from its frame and reject mismatches.
 
     A logits processor is not told how `generate` samples, but `generate`'s sampling loop
-    holds its `generation_config` and processor list as locals, a few frames up. Outside
-    `generate` (or if transformers renames them) there is nothing to check.
+    holds its `generation_config` and processor list as locals, a few frames up. When they
+    cannot be found (called outside `generate`, or a transformers version renamed them) the
+    checks are skipped with a warning, so a rename never silently switches them off.
     """
     config, processors = _generate_locals()
     if config is None:
+        warnings.warn(f"SoftCFGUnbatchedLogitsProcessor found no generation_config of model.generate on the "
+                      f"call stack (called outside generate, or transformers {transformers.__version__} renamed "
+                      f"generate's locals): the checks of temperature, max_new_tokens, beams and a second CFG "
+                      f"are skipped", RuntimeWarning, stacklevel=3)
         return
     g = processor.guidance
     others = [p for p in processors or () if isinstance(p, UnbatchedClassifierFreeGuidanceLogitsProcessor)]
@@ -278,8 +282,3 @@ def _generate_locals(max_depth: int = 8):
         return None, None
     finally:
         del frame
-
-
-# Imported last: softcfg_patch.hf re-exports this module's processor from its own last line,
-# so either module may be imported first.
-from . import hf  # noqa: E402
