@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import softcfg_patch as sp  # noqa: E402
+from softcfg_patch.guidance import method  # noqa: E402
 from softcfg_patch.precision import store_linear_weights, tf32  # noqa: E402
 from softcfg_patch.run import registry  # noqa: E402
 
@@ -119,7 +120,7 @@ def sampler_speed(device: torch.device, tiny: bool, compile_cfg: bool) -> list:
             with tf32(not bf16), torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 seconds = step_time(model, labels, guidance, 4 if tiny else 32, compile, device)
             rows.append({"model": f"{family}_xl" if not tiny else f"{family}_tiny", "path": name,
-                         "method": "softcfg" if guidance.uses_softcfg else "cfg", "batch": batch,
+                         "method": method(guidance), "batch": batch,
                          "step_s": seconds, "images_per_s": batch / (seconds * N),
                          "weight_bytes": weight_bytes(model), "bytes_per_step": step_bytes(model, batch, bf16, compile)})
         del model

@@ -19,13 +19,10 @@ import torch
 import torch.nn as nn
 
 from softcfg_patch.cache import StaticKVCache, causal_attention
-from softcfg_patch.step import at_step
 # The same arithmetic as AliTok's (a grid with no 1-D prefix and one all-zero condition row).
-from softcfg_patch.layers import RMSNorm, SwiGLU, apply_rotary, rotary_table
-from softcfg_patch.checkpoint import CheckpointError, load_model, read_state_dict
-from softcfg_patch.run import registry
+from softcfg_patch.layers import RMSNorm, SwiGLU, apply_rotary, at_step, rotary_table
+from softcfg_patch.checkpoint import UNKNOWN_SOURCE, CheckpointError, load_model, read_state_dict
 
-WEIGHTS_SOURCE = registry.get("llamagen").source("experiment.generator_checkpoint")
 # Upstream loads with strict=False. These upstream buffers can sit in a saved state dict
 # (an older rotary buffer; the KV cache and mask if setup_caches() ran before saving);
 # they hold no learned weights, so they are dropped and named.
@@ -140,13 +137,8 @@ class GPT(nn.Module):
                              "run CFG; use guidance_scale <= 1 or a config with class_dropout_prob > 0")
         return torch.full_like(labels, self.num_classes)
 
-    def rng_preamble(self, num_rows: int, generator: torch.Generator | None, device) -> None:
-        """LlamaGen's generate() draws no random numbers before its loop."""
-        return None
-
-    def guidance_is_off(self, scale: float) -> bool:
-        """Upstream runs the unconditional rows only when cfg_scale > 1."""
-        return scale <= 1
+    unguided_at = "<=1"  # upstream runs the unconditional rows only when cfg_scale > 1
+    # (and, unlike AliTok and RAR, draws no random numbers before its loop: no rng_preamble)
 
     def prefill(self, condition_ids: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
         x = self.cls_embedding(condition_ids)[:, None]
@@ -186,30 +178,30 @@ def _check_sizes(dim: int, n_head: int, n_kv_head: int, block_size: int, cls_tok
 
 
 # -- checkpoints ---------------------------------------------------------------------------
-def load_gpt(config, path: str | Path) -> GPT:
+def load_gpt(config, path: str | Path, source: str = UNKNOWN_SOURCE) -> GPT:
     """Build the GPT of `config` and strictly load `path` into it (float32, eval mode, no grads).
 
     Upstream's harmless extras (HARMLESS_EXTRAS) are dropped with a warning that names them;
     anything else that does not match is an error that says which config fits the file.
     """
     what = "LlamaGen GPT"
-    state = read_state_dict(path, what=what, source=WEIGHTS_SOURCE)
+    state = read_state_dict(path, what=what, source=source)
     extras = sorted(k for k in state if k.endswith(HARMLESS_EXTRAS))
     if extras:
         warnings.warn(f"'{path}': ignoring {len(extras)} upstream buffer(s) that hold no weights: "
                       f"{', '.join(extras[:4])}{', ...' if len(extras) > 4 else ''}", stacklevel=2)
         state = {k: v for k, v in state.items() if k not in extras}
-    _check_is_llamagen(state, config.model.generator, path)
-    return load_model(lambda: GPT(config), path, what=what, source=WEIGHTS_SOURCE, state=state)
+    _check_is_llamagen(state, config.model.generator, path, source)
+    return load_model(lambda: GPT(config), path, what=what, source=source, state=state)
 
 
-def _check_is_llamagen(state: dict, gen, path) -> None:
+def _check_is_llamagen(state: dict, gen, path, source: str) -> None:
     """One-line errors for the two common mistakes: not a LlamaGen file, or another size."""
     embed = state.get("tok_embeddings.weight")
     if embed is None or "cls_embedding.embedding_table.weight" not in state:
         sample = ", ".join(sorted(state)[:3])
         raise CheckpointError(f"'{path}' is not a LlamaGen class-conditional GPT checkpoint (no tok_embeddings/"
-                              f"cls_embedding keys; it starts with {sample}); pass a c2i_*.pt file from {WEIGHTS_SOURCE}")
+                              f"cls_embedding keys; it starts with {sample}); pass a c2i_*.pt file from {source}")
     n_layer = len({k.split(".")[1] for k in state if k.startswith("layers.")})
     if embed.shape[1] != gen.dim or n_layer != gen.n_layer:
         sizes = {768: "b", 1024: "l", 1280: "xl", 1536: "xxl", 3200: "3b"}

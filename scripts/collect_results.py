@@ -31,8 +31,10 @@ from typing import Iterable, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 from softcfg_patch.errors import SoftCFGError, exit_on_error  # noqa: E402
+from softcfg_patch.guidance import Guidance  # noqa: E402
+from softcfg_patch.guidance import method as method_of  # noqa: E402  ('method' is a table column here)
 from softcfg_patch.run import registry  # noqa: E402
-from softcfg_patch.run.output import atomic_write  # noqa: E402
+from softcfg_patch.files import atomic_write  # noqa: E402
 
 METRICS = (("fid", "FID", 3), ("inception_score", "IS", 1), ("sfid", "sFID", 3),
            ("precision", "Precision", 3), ("recall", "Recall", 3))  # (key, column, decimals)
@@ -120,8 +122,8 @@ def summarize(rows: list) -> list:
 def settings_text(g: dict) -> str:
     """The guidance settings in a few symbols: gamma, k, alpha and the SoftCFG options."""
     s = g["guidance"]
-    if s["guidance_scale"] == 0:
-        parts = ["γ=0 (unguided)"]
+    if method_of(Guidance(**s), registry.get(g["model"])) == "noguidance":
+        parts = [f"γ={s['guidance_scale']:g} (unguided)"]
     else:
         parts = [f"γ={s['guidance_scale']:g}", f"k={s['guidance_scale_pow']:g}"]
         if s["softcfg_strength"] > 0:

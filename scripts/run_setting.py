@@ -49,10 +49,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere
 
 from softcfg_patch.errors import SoftCFGError  # noqa: E402
-from softcfg_patch.guidance import ALIGNMENTS, CONFIDENCES, TARGETS, Guidance  # noqa: E402
+from softcfg_patch.guidance import ALIGNMENTS, CONFIDENCES, TARGETS, Guidance, method  # noqa: E402
 from softcfg_patch.run import registry  # noqa: E402
 from softcfg_patch.run.config import LABELS  # noqa: E402
-from softcfg_patch.run.output import atomic_write, save_npz  # noqa: E402
+from softcfg_patch.files import atomic_write, save_npz  # noqa: E402
 
 MODELS = tuple(registry.model_names())
 
@@ -134,7 +134,14 @@ def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
                         "evaluator, wandb), list all problems and exit; samples and creates nothing")
     e.add_argument("--delete-samples", action="store_true", default=env_flag("DELETE_SAMPLES"),
                    help="[DELETE_SAMPLES=1] delete the PNGs and npz once the row is written (saves ~10 GB/run)")
+    e.add_argument("--in-process", type=parse_bool, default=env("IN_PROCESS"),
+                   help="[IN_PROCESS] run the sampler and evaluator inside this process (default: "
+                        "true for SMOKE on one process, else false: real runs start processes)")
     args = p.parse_args(argv)
+    if args.in_process is None:
+        args.in_process = args.smoke and int(args.nproc) == 1
+    if args.in_process and int(args.nproc) > 1:
+        p.error("--in-process/IN_PROCESS needs one process (NPROC=1): torchrun starts its own")
     args.num_samples = int(args.num_samples or (4 if args.smoke else 50000))
     args.results = Path(args.results or ("results_smoke" if args.smoke else "results")).resolve()
     if args.num_samples < 4:
@@ -164,38 +171,39 @@ def effective_guidance(config, args: argparse.Namespace) -> dict:
     return {k: (float(v) if isinstance(GUIDANCE_DEFAULTS[k], float) else v) for k, v in out.items()}
 
 
-def method_kind(guidance: dict) -> str:
-    if guidance["guidance_scale"] == 0:
-        return "noguidance"  # one unguided branch
-    return "softcfg" if guidance["softcfg_strength"] > 0 else "cfg"
+def method_kind(guidance: dict, model: str) -> str:
+    """"noguidance", "cfg" or "softcfg": what the sampler of `model` runs (the family's rule for
+    which scale is unguided: LlamaGen's 1 is, AliTok's is not)."""
+    return method(Guidance(**guidance), registry.get(model))
 
 
 SOFTCFG_ONLY = ("softcfg_strength", "step_norm", "softcfg_confidence", "softcfg_align",
                 "softcfg_min_weight", "softcfg_target")
 
 
-def unused_guidance_keys(guidance: dict) -> tuple:
+def unused_guidance_keys(guidance: dict, model: str) -> tuple:
     """Settings that cannot change this run's images (so runs that differ only there share samples)."""
-    kind = method_kind(guidance)
+    kind = method_kind(guidance, model)
     return (SOFTCFG_ONLY if kind != "softcfg" else ()) + (("guidance_scale_pow",) if kind == "noguidance" else ())
 
 
-def sampler_guidance(guidance: dict) -> dict:
+def sampler_guidance(guidance: dict, model: str) -> dict:
     """What the sampler is given: unused keys at their defaults, so the output folder's manifest
     is the same for every setting that shares the run (the sampler refuses a mismatch)."""
-    return {k: (GUIDANCE_DEFAULTS[k] if k in unused_guidance_keys(guidance) else v) for k, v in guidance.items()}
+    unused = unused_guidance_keys(guidance, model)
+    return {k: (GUIDANCE_DEFAULTS[k] if k in unused else v) for k, v in guidance.items()}
 
 
 def run_name(model: str, smoke: bool, guidance: dict, seed: int, num: int, batch: int,
              labels: str = "balanced") -> str:
     """Readable and unique: everything that changes the images is in the digest."""
     images_depend_on = {k: v for k, v in guidance.items()
-                        if k not in unused_guidance_keys(guidance) and SAMPLING_OFF.get(k, object()) != v}
+                        if k not in unused_guidance_keys(guidance, model) and SAMPLING_OFF.get(k, object()) != v}
     key = json.dumps({"model": model, "smoke": smoke, "guidance": images_depend_on, "seed": seed,
                       "num_samples": num, "per_proc_batch_size": batch,
                       **({"labels": labels} if labels != "balanced" else {})}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:10]
-    return f"{'smoke_' if smoke else ''}{model}_{method_kind(guidance)}_seed{seed}_n{num}_{digest}"
+    return f"{'smoke_' if smoke else ''}{model}_{method_kind(guidance, model)}_seed{seed}_n{num}_{digest}"
 
 
 @dataclass
@@ -436,14 +444,49 @@ def npz_count(path: Path) -> int:
         return 0
 
 
-def run_command(cmd: list, what: str, extra_env: dict) -> float:
+def run_command(cmd: list, what: str, extra_env: dict, in_process: bool = False) -> float:
     print("+ " + " ".join(map(str, cmd)), flush=True)
     start = time.time()
-    code = subprocess.run(list(map(str, cmd)), cwd=REPO, env={**os.environ, **extra_env}).returncode
+    if in_process:
+        code = run_script_here(cmd, extra_env)
+    else:
+        code = subprocess.run(list(map(str, cmd)), cwd=REPO, env={**os.environ, **extra_env}).returncode
     if code != 0:
         raise SettingError(f"{what} failed with exit status {code} (its message is above); fix it "
                            f"and rerun the same command: finished work is kept")
     return time.time() - start
+
+
+def run_script_here(cmd: list, extra_env: dict) -> int:
+    """Run `python script args...` inside this process and return its exit status.
+
+    SMOKE on one process only: the tiny models sample and score in about a second, while a
+    fresh interpreter importing torch costs several, twice per setting. Real runs always
+    start a process, so a sampler's memory and global state end with it.
+    """
+    import runpy
+
+    import torch
+
+    script, *script_args = map(str, cmd[1:])
+    saved_argv, saved_env, saved_threads = sys.argv, dict(os.environ), torch.get_num_threads()
+    sys.argv = [script, *script_args]
+    os.environ.update(extra_env)
+    if "OMP_NUM_THREADS" in extra_env:  # read by torch only at import, so set it directly
+        torch.set_num_threads(int(extra_env["OMP_NUM_THREADS"]))
+    try:
+        runpy.run_path(script, run_name="__main__")
+        return 0
+    except SystemExit as stop:
+        if stop.code is None or isinstance(stop.code, int):
+            return stop.code or 0
+        print(stop.code, file=sys.stderr)  # sys.exit("message"): printed, status 1
+        return 1
+    finally:
+        sys.argv = saved_argv
+        os.environ.clear()
+        os.environ.update(saved_env)
+        torch.set_num_threads(saved_threads)
 
 
 def sample(args, config_file: Path, ckpts: dict, guidance: dict, batch: int, out: Path, run: str,
@@ -459,7 +502,7 @@ def sample(args, config_file: Path, ckpts: dict, guidance: dict, batch: int, out
         launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}"]
     cmd = launcher + [script, "--config", config_file, f"--experiment.output_dir={out}"]
     cmd += [f"--{key}={path}" for key, path in ckpts.items()]
-    cmd += [f"--model.generator.{k}={v}" for k, v in sampler_guidance(guidance).items()]
+    cmd += [f"--model.generator.{k}={v}" for k, v in sampler_guidance(guidance, args.model).items()]
     cmd += [f"--sample.num_fid_samples={args.num_samples}", f"--sample.seed={args.seed}",
             f"--sample.per_proc_batch_size={batch}"]
     if args.device != "auto":
@@ -468,7 +511,7 @@ def sample(args, config_file: Path, ckpts: dict, guidance: dict, batch: int, out
         cmd += [f"--sample.labels={args.labels}"]
     if args.wandb:
         cmd += ["--wandb.enabled=True", f"--wandb.name={run}"]
-    wall = run_command(cmd, "sampling", child_env)
+    wall = run_command(cmd, "sampling", child_env, in_process=args.in_process)
     meta = {"wall_s": round(wall, 2), "command": " ".join(map(str, cmd))}
     write_json(meta_path, meta)
     return {**meta, "reused": False}
@@ -493,7 +536,7 @@ def evaluate(args, npz: Path, ref: Path, inception: Path, cache: Path, child_env
     if args.smoke:  # same trace as sqrtm to ~1e-9 (evaluator --help), 6x faster on a CPU
         cmd += ["--fid-method", "eigh"]
     try:
-        wall = run_command(cmd, "evaluation", child_env)
+        wall = run_command(cmd, "evaluation", child_env, in_process=args.in_process)
         result = json.loads(out_json.read_text())
     finally:
         if out_json.exists():
@@ -517,7 +560,7 @@ def make_row(args, run: str, guidance: dict, batch: int, config_file: Path, ckpt
     row = {
         "schema": 1,
         "run": run, "table": args.table, "order": args.order,
-        "model": args.model, "method": args.method, "kind": method_kind(guidance),
+        "model": args.model, "method": args.method, "kind": method_kind(guidance, args.model),
         "smoke": args.smoke, "label": SMOKE_LABEL if args.smoke else "",
         "guidance": guidance, "seed": args.seed, "num_samples": args.num_samples, "labels": args.labels,
         "per_proc_batch_size": batch, "nproc": args.nproc,

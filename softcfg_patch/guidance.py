@@ -1,6 +1,6 @@
 """Guidance settings and the guidance-scale schedule.
 
-`Guidance` carries every knob of the method (SPEC section 1). The defaults are the
+`Guidance` carries every knob of the method (README: "What SoftCFG does, exactly"). The defaults are the
 semantics of the authors' released code, which produced the paper's FIDs; the
 paper-text reading is one option away (`softcfg_confidence="max"`,
 `softcfg_align="token"`).
@@ -8,7 +8,7 @@ paper-text reading is one option away (`softcfg_confidence="max"`,
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # torch is imported where the schedule is computed: the settings alone do not need it
@@ -19,41 +19,29 @@ ALIGNMENTS = ("source", "token")
 TARGETS = ("v", "k", "kv")
 
 
+def _setting(default, help: str):
+    return field(default=default, metadata={"help": help})  # the samplers' --help prints `help`
+
+
 @dataclass(frozen=True)
 class Guidance:
-    """Everything that decides how one guided sample is drawn.
+    """Everything that decides how one guided sample is drawn; each field's `help` says what
+    it does. Which scale means "unguided" is the model's convention: see `runs_cfg`."""
 
-    guidance_scale:        gamma; 0 switches guidance off (one conditional branch).
-    guidance_scale_pow:    k of the cosine schedule; 0 gives a constant scale gamma.
-    randomize_temperature: softmax temperature applied to the guided logits.
-    softcfg_strength:      alpha; 0 is plain CFG, bit for bit.
-    step_norm:             Step Normalization (bounds the removed mass to ~one token).
-    softcfg_confidence:    "sampled" (released code) or "max" (paper text).
-    softcfg_align:         "source" (released code) or "token" (paper text).
-    softcfg_min_weight:    floor of the step-normalised multipliers.
-    softcfg_target:        which cache tensor the multipliers scale: "v", "k" or "kv".
-    top_k:                 keep the k largest guided logits (after the temperature); 0 = off.
-    top_p:                 nucleus filter on what top-k left (the first token past the
-                           threshold is kept); 1.0 = off.
-    cfg_interval:          LlamaGen's: the step predicting x_t (t >= 1) samples the
-                           conditional logits alone once t - 1 > cfg_interval; -1 = off.
-
-    Which scale means "unguided" is the model's rule (`guidance_is_off`, see
-    softcfg_patch.step.cfg_enabled); `uses_cfg` is the default rule, scale 0.
-    """
-
-    guidance_scale: float = 3.0
-    guidance_scale_pow: float = 1.0
-    randomize_temperature: float = 1.0
-    softcfg_strength: float = 0.0
-    step_norm: bool = True
-    softcfg_confidence: str = "sampled"
-    softcfg_align: str = "source"
-    softcfg_min_weight: float = 0.05
-    softcfg_target: str = "v"
-    top_k: int = 0
-    top_p: float = 1.0
-    cfg_interval: float = -1.0
+    guidance_scale: float = _setting(3.0, "gamma; guidance is off at 0 (AliTok, RAR) or at <= 1 (LlamaGen)")
+    guidance_scale_pow: float = _setting(1.0, "k of the cosine schedule; 0 gives a constant scale gamma")
+    randomize_temperature: float = _setting(1.0, "softmax temperature applied to the guided logits")
+    softcfg_strength: float = _setting(0.0, "alpha; 0 is plain CFG, bit for bit")
+    step_norm: bool = _setting(True, "Step Normalization (bounds the removed mass to ~one token)")
+    softcfg_confidence: str = _setting("sampled", '"sampled" (released code) or "max" (paper text)')
+    softcfg_align: str = _setting("source", '"source" (released code) or "token" (paper text)')
+    softcfg_min_weight: float = _setting(0.05, "floor of the step-normalised multipliers")
+    softcfg_target: str = _setting("v", 'which cache tensor the multipliers scale: "v", "k" or "kv"')
+    top_k: int = _setting(0, "keep the k largest guided logits (after the temperature); 0 = off")
+    top_p: float = _setting(1.0, "nucleus filter on what top-k left (the first token past the threshold is "
+                                 "kept); 1.0 = off")
+    cfg_interval: float = _setting(-1.0, "LlamaGen's: the step predicting x_t (t >= 1) samples the conditional "
+                                         "logits alone once t - 1 > cfg_interval; -1 = off")
 
     def __post_init__(self) -> None:
         _check_number("guidance_scale", self.guidance_scale, low=0.0)
@@ -71,15 +59,6 @@ class Guidance:
         _check_number("top_p", self.top_p, low=0.0, high=1.0, strict=True)
         _check_number("cfg_interval", self.cfg_interval, low=-1.0)
 
-    @property
-    def uses_cfg(self) -> bool:
-        """Upstream runs the doubled [cond; uncond] batch for every scale except 0."""
-        return self.guidance_scale != 0
-
-    @property
-    def uses_softcfg(self) -> bool:
-        return self.uses_cfg and self.softcfg_strength > 0
-
     @classmethod
     def from_config(cls, cfg) -> "Guidance":
         """Build from any mapping (dict, OmegaConf node) holding some of the field names."""
@@ -88,6 +67,33 @@ class Guidance:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+# Which guidance_scale means "no guidance" (one conditional branch, no unconditional rows) is
+# each upstream's convention: AliTok and RAR guide at every scale but 0, LlamaGen only above 1,
+# transformers' unbatched CFG processor at every scale but 1.
+UNGUIDED_AT = {"0": lambda scale: scale == 0, "<=1": lambda scale: scale <= 1, "1": lambda scale: scale == 1}
+
+
+def runs_cfg(guidance: Guidance, model=None) -> bool:
+    """Whether the [cond; uncond] rows run: the one rule every driver, manifest and table uses.
+
+    `model` (a model, a registry family, a logits processor) names its convention in an
+    `unguided_at` attribute, a key of UNGUIDED_AT; without one, scale 0 means unguided.
+    """
+    rule = getattr(model, "unguided_at", "0")
+    if rule not in UNGUIDED_AT:
+        raise ValueError(f"{type(model).__name__}.unguided_at is {rule!r}; expected one of {', '.join(UNGUIDED_AT)}")
+    return not UNGUIDED_AT[rule](guidance.guidance_scale)
+
+
+def runs_softcfg(guidance: Guidance, model=None) -> bool:
+    return runs_cfg(guidance, model) and guidance.softcfg_strength > 0
+
+
+def method(guidance: Guidance, model=None) -> str:
+    """What actually runs: "noguidance", "cfg" or "softcfg" (run names, manifests, result rows)."""
+    return "softcfg" if runs_softcfg(guidance, model) else "cfg" if runs_cfg(guidance, model) else "noguidance"
 
 
 def _check_number(name: str, value, low: float, high: float = math.inf, strict: bool = False) -> None:

@@ -15,8 +15,8 @@ from the same loop. A model only describes its architecture:
     decode(tokens, step, cache) -> [rows, V]      feeds x_{step-1}, logits predicting x_step;
                                                   `step` is an int, or a 0-d long tensor on
                                                   the fixed-shape (compiled) path
-    optional: guidance_is_off(scale), rng_preamble(num_rows, generator, device)
-              (softcfg_patch.step: the per-family sampling rules)
+    optional: unguided_at (which scale means unguided: softcfg_patch.guidance.runs_cfg),
+              rng_preamble(num_rows, generator, device) (softcfg_patch.step)
 
 Models route every attention through `causal_attention(q, k, v, cache, layer)`; they
 never see guidance. A model that needs per-sequence values at every step (RAR's adaLN
@@ -33,9 +33,9 @@ from typing import Optional, Protocol, Union
 import torch
 
 from .cache import StaticKVCache
-from .guidance import Guidance
-from .step import (Schedule, StepHook, cfg_enabled, guide, position_weights, position_weights_at,
-                   record_confidence, rng_preamble, sample, softcfg_enabled)
+from .guidance import Guidance, runs_cfg, runs_softcfg
+from .step import (Schedule, StepHook, guide, next_multipliers, next_multipliers_at, record_confidence,
+                   rng_preamble, sample)
 
 
 class GuidedModel(Protocol):
@@ -80,11 +80,11 @@ def decode_step(model: GuidedModel, cache: StaticKVCache, tokens: torch.Tensor, 
     if state.softcfg:
         rows = slice(state.batch, 2 * state.batch)
         if fixed:
-            cache.multipliers.values[rows, state.prefix:] = position_weights_at(state.history, step,
+            cache.multipliers.values[rows, state.prefix:] = next_multipliers_at(state.history, step,
                                                                                 state.guidance)
         else:
             cache.multipliers.write(rows, state.prefix,
-                                    position_weights(state.history[:, :step], state.guidance))
+                                    next_multipliers(state.history[:, :step], state.guidance))
     logits = model.decode(tokens, step, cache)
     return _guide_rows(logits, step, state)
 
@@ -147,7 +147,7 @@ def decode_loop(model: GuidedModel, labels: torch.Tensor, guidance: Guidance, *,
     device = labels.device
     if forced_tokens is not None and tuple(forced_tokens.shape) != (B, N):
         raise ValueError(f"tokens must have shape ({B}, {N}), got {tuple(forced_tokens.shape)}")
-    cfg = cfg_enabled(model, guidance)
+    cfg = runs_cfg(guidance, model)
     rng_preamble(model, B, generator, device)
 
     conditions = model.condition_ids(labels)
@@ -195,7 +195,7 @@ def _workspace(model, guidance: Guidance, batch: int, rows: int, cfg: bool, devi
     N, P = model.num_image_tokens, model.num_prefix_positions
     cache = StaticKVCache(model.num_layers, rows, model.num_heads, P + N - 1, model.head_dim,
                           device=device, dtype=dtype)
-    softcfg = softcfg_enabled(model, guidance)
+    softcfg = runs_softcfg(guidance, model)
     if softcfg:
         cache.enable_multipliers(guidance.softcfg_target)
     state = StepState(guidance, batch, N, P, cfg, softcfg, device)

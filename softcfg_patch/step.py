@@ -3,14 +3,15 @@
     mix -> temperature -> filter (top-k, top-p) -> sample -> confidence
 
 `guide()` chains the first three (the softmax input of a step); `sample()` draws; the
-SoftCFG bookkeeping (`record_confidence`, `position_weights*`) turns the conditional
+SoftCFG bookkeeping (`record_confidence`, `next_multipliers*`) turns the conditional
 branch's confidences into the multipliers of the next forward. The ImageNet decode
 loop (sampler.py) and the Hugging Face drivers (hf.py) both call these, so a new
 guidance variant is written once. A `generate` logits processor that must leave
 temperature and sampling to `generate` uses `mix` and `token_confidence` alone.
 
 Per-model rules live on the model (optional attributes of the protocol):
-    guidance_is_off(scale) -> bool    which scale means "unguided" (default: scale == 0)
+    unguided_at = "<=1"               which scale means "unguided" (softcfg_patch.guidance.runs_cfg;
+                                      default "0": scale 0)
     rng_preamble(num_rows, generator, device) -> None
                                       random numbers upstream draws before the loop
                                       (AliTok, RAR: B uniforms; default: none)
@@ -23,28 +24,18 @@ import torch
 import torch.nn.functional as F
 
 from .guidance import Guidance, guidance_schedule
-from .rule import image_position_weights, multipliers, token_confidence
+from .layers import at_step
+from .rule import aligned_multipliers, multipliers, token_confidence
 
 # on_step(step, cond, uncond, guided, tokens, cache): the same hook for every driver.
 # guided is the softmax input (guided logits / T, filtered); uncond is None without CFG.
 StepHook = Callable[..., None]
 
-__all__ = ["Schedule", "cfg_enabled", "softcfg_enabled", "rng_preamble", "mix", "temperature",
-           "filter_logits", "guide", "sample", "token_confidence", "position_weights",
-           "position_weights_at", "StepHook"]
+__all__ = ["Schedule", "rng_preamble", "mix", "temperature", "filter_logits", "guide", "sample",
+           "record_confidence", "token_confidence", "next_multipliers", "next_multipliers_at", "StepHook"]
 
 
 # ------------------------------------------------------------------ per-model rules
-
-def cfg_enabled(model, guidance: Guidance) -> bool:
-    """Whether the [cond; uncond] rows run: the model's `guidance_is_off` rule, else scale != 0."""
-    is_off = getattr(model, "guidance_is_off", None)
-    return not is_off(guidance.guidance_scale) if is_off is not None else guidance.uses_cfg
-
-
-def softcfg_enabled(model, guidance: Guidance) -> bool:
-    return cfg_enabled(model, guidance) and guidance.softcfg_strength > 0
-
 
 def rng_preamble(model, num_rows: int, generator: Optional[torch.Generator],
                  device: torch.device) -> None:
@@ -72,13 +63,6 @@ class Schedule:
 
     def is_guided(self, step: int) -> bool:
         return self.interval <= -1 or step < 1 or step - 1 <= self.interval
-
-
-def at_step(table: torch.Tensor, step) -> torch.Tensor:
-    """table[step:step + 1] for an int step or a 0-d tensor step (a gather: no host sync)."""
-    if torch.is_tensor(step):
-        return table.index_select(0, step.view(1))
-    return table[step:step + 1]
 
 
 def mix(cond: torch.Tensor, uncond: Optional[torch.Tensor], step, schedule: Schedule) -> torch.Tensor:
@@ -139,7 +123,7 @@ def record_confidence(history: torch.Tensor, step: int, cond: torch.Tensor, toke
 
 # -------------------------------------------------------------- next multipliers
 
-def position_weights(history: torch.Tensor, guidance: Guidance,
+def next_multipliers(history: torch.Tensor, guidance: Guidance,
                      structural: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Multipliers of the generated positions x_0 .. x_{t-1} for the next forward, [B, t].
 
@@ -150,25 +134,25 @@ def position_weights(history: torch.Tensor, guidance: Guidance,
     args = (guidance.softcfg_strength, guidance.step_norm, guidance.softcfg_min_weight,
             guidance.softcfg_align)
     if structural is None or not bool(structural.any()):
-        return image_position_weights(history, *args)
+        return aligned_multipliers(history, *args)
     weights = torch.ones_like(history)
     keep = ~structural
     if bool((keep == keep[:1]).all()):  # usual case: markers at the same steps in every row
         columns = keep[0].nonzero().squeeze(-1)
-        weights[:, columns] = image_position_weights(history[:, columns], *args)
+        weights[:, columns] = aligned_multipliers(history[:, columns], *args)
         return weights
     for row in range(history.shape[0]):
         columns = keep[row].nonzero().squeeze(-1)
-        weights[row, columns] = image_position_weights(history[row:row + 1, columns], *args)[0]
+        weights[row, columns] = aligned_multipliers(history[row:row + 1, columns], *args)[0]
     return weights
 
 
-def position_weights_at(history: torch.Tensor, step: torch.Tensor, guidance: Guidance) -> torch.Tensor:
-    """Fixed-shape `position_weights` for the forward of step `step` (a 0-d tensor).
+def next_multipliers_at(history: torch.Tensor, step: torch.Tensor, guidance: Guidance) -> torch.Tensor:
+    """Fixed-shape `next_multipliers` for the forward of step `step` (a 0-d tensor).
 
     history: [B, N] with c_0 .. c_{t-1} filled. Returns [B, N - 1], the weights of the
     positions of x_0 .. x_{N-2}; those not scaled at this step (not yet written, or
-    x_{t-1} under the "source" alignment) get 1, as in `image_position_weights`.
+    x_{t-1} under the "source" alignment) get 1, as in `aligned_multipliers`.
     """
     num_positions = history.shape[1] - 1
     j = torch.arange(num_positions, device=history.device)

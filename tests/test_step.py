@@ -1,6 +1,6 @@
 """The guided step's stages (softcfg_patch.step) against upstream LlamaGen's golden runs
 and independent computations: mix, temperature, top-k/top-p, cfg_interval, sampling,
-confidence, fixed-shape multipliers, and the per-model rules (guidance_is_off, rng_preamble)."""
+confidence, fixed-shape multipliers, and the per-model rules (unguided_at, rng_preamble)."""
 from __future__ import annotations
 
 import json
@@ -10,7 +10,8 @@ import torch
 
 import softcfg_patch as sp
 from softcfg_patch import step as st
-from softcfg_patch.rule import image_position_weights
+from softcfg_patch.guidance import method, runs_cfg, runs_softcfg
+from softcfg_patch.rule import aligned_multipliers
 from conftest import FIXTURES, load_golden
 
 LLAMAGEN = load_golden("llamagen/llamagen_tiny_golden.safetensors")
@@ -19,9 +20,7 @@ RUNS = {r["name"]: r for r in json.loads((FIXTURES / "llamagen" / "llamagen_tiny
 
 class LlamaGenRule:
     """Only the per-model rule of LlamaGen: any scale <= 1 is unguided (upstream tests > 1)."""
-
-    def guidance_is_off(self, scale: float) -> bool:
-        return scale <= 1
+    unguided_at = "<=1"
 
 
 def llamagen_guidance(run: dict) -> sp.Guidance:
@@ -39,7 +38,7 @@ def test_stages_replay_upstream_llamagen_sampling(name):
     run, g = RUNS[name], llamagen_guidance(RUNS[name])
     logits, want = LLAMAGEN[f"{name}.step_logits"], LLAMAGEN[f"{name}.tokens"]
     B, N = want.shape
-    cfg = st.cfg_enabled(LlamaGenRule(), g)
+    cfg = runs_cfg(g, LlamaGenRule())
     assert cfg == (run["cfg_scale"] > 1) and logits.shape[0] == (2 * B if cfg else B)
     schedule = st.Schedule(g, N)
     history = torch.zeros(B, N)
@@ -111,8 +110,8 @@ def test_fixed_shape_weights_equal_the_sliced_rule(align, step_norm, strength):
     for t in range(1, N):
         known = history.clone()
         known[:, t:] = 0  # what the sampler's buffer holds at step t
-        fixed = st.position_weights_at(known, torch.tensor(t), g)
-        sliced = image_position_weights(history[:, :t], strength, step_norm, 0.05, align)
+        fixed = st.next_multipliers_at(known, torch.tensor(t), g)
+        sliced = aligned_multipliers(history[:, :t], strength, step_norm, 0.05, align)
         assert fixed.shape == (3, N - 1)
         torch.testing.assert_close(fixed[:, :t], sliced, atol=1e-6, rtol=0)
         assert torch.equal(fixed[:, t:], torch.ones(3, N - 1 - t))
@@ -121,8 +120,12 @@ def test_fixed_shape_weights_equal_the_sliced_rule(align, step_norm, strength):
 def test_per_model_rules_default_and_override():
     g0, g1 = sp.Guidance(guidance_scale=0.0), sp.Guidance(guidance_scale=1.0, softcfg_strength=1.0)
     plain = object()
-    assert not st.cfg_enabled(plain, g0) and st.cfg_enabled(plain, g1) and st.softcfg_enabled(plain, g1)
-    assert not st.cfg_enabled(LlamaGenRule(), g1) and not st.softcfg_enabled(LlamaGenRule(), g1)
+    assert not runs_cfg(g0, plain) and runs_cfg(g1, plain) and runs_softcfg(g1, plain) and runs_cfg(g1)
+    assert not runs_cfg(g1, LlamaGenRule()) and not runs_softcfg(g1, LlamaGenRule())
+    assert [method(g, LlamaGenRule()) for g in (g0, g1, sp.Guidance(guidance_scale=1.5))] == [
+        "noguidance", "noguidance", "cfg"]
+    with pytest.raises(ValueError, match="unguided_at is 'never'"):
+        runs_cfg(g1, type("Odd", (), {"unguided_at": "never"})())
     state = torch.get_rng_state()
     st.rng_preamble(plain, 3, None, torch.device("cpu"))  # no preamble: draws nothing
     assert torch.equal(torch.get_rng_state(), state)
@@ -135,12 +138,3 @@ def test_alitok_preamble_draws_its_uniforms(tiny_alitok):
     torch.manual_seed(5)
     torch.rand(3)
     assert torch.equal(after, torch.rand(1))
-
-
-@pytest.mark.parametrize("kwargs,match", [
-    ({"top_k": -1}, "top_k"), ({"top_k": 1.5}, "top_k"), ({"top_k": True}, "top_k"),
-    ({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p"), ({"cfg_interval": -2}, "cfg_interval"),
-])
-def test_guidance_rejects_bad_sampling_options(kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        sp.Guidance(**kwargs)

@@ -14,7 +14,6 @@ here is a pure function of its arguments (plus file reads), so it can be tested 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from pathlib import Path
@@ -26,16 +25,6 @@ FILENAME = "manifest.json"
 DECODER_PREFIX = "tokenizer."
 # Recorded keys whose change is worth a warning (the time always changes).
 WARN_ON_CHANGE = ("torch", "cuda", "gpu", "device", "compile")
-
-
-def file_identity(path: str | Path, chunk_bytes: int = 16 << 20) -> dict:
-    """{"sha256": hex digest, "size": bytes} of a file, read once in chunks."""
-    digest, size = hashlib.sha256(), 0
-    with open(path, "rb") as f:
-        while block := f.read(chunk_bytes):
-            digest.update(block)
-            size += len(block)
-    return {"sha256": digest.hexdigest(), "size": size}
 
 
 def project_version(repo_root: Path) -> str:

@@ -5,12 +5,13 @@ smoke tests need to know about a family, and names its code by lazy import paths
 ("package.module:function"), so nothing here imports a model family:
 
     configs/<name>_<size>.yaml     its configs (`sizes`, smallest first, rank table rows)
-    <name>/sample_imagenet.py      its entry point: `run.main(sys.argv[1:], "<name>")`
-    load_generator(config, path)   -> a softcfg_patch.GuidedModel with the file's weights
-    image_decoder(config, path, device) -> function: tokens [B, N] -> uint8 images [B, H, W, 3]
+    <name>/sample_imagenet.py      its entry point: `softcfg_patch.run.entry_point("<name>")`
+    load_generator(config, path, source)  -> a softcfg_patch.GuidedModel with the file's weights
+    image_decoder(config, path, device, source) -> function: tokens [B, N] -> uint8 images [B, H, W, 3]
+                                   (`source`: where the file is published, this entry's text, for errors)
 
 Adding a family = its package, its configs, one `register(ModelFamily(...))` call here
-(or in the family's own code, before `run.main`), and its tests (docs/adding_a_model.md).
+(or in the family's own code, before `entry_point`), and its tests (docs/adding_a_model.md).
 This module is plain Python (no torch), so scripts can read it cheaply.
 """
 from __future__ import annotations
@@ -63,6 +64,9 @@ class ModelFamily:
     sweep_grid: tuple = ("", "")
     # Published FIDs (upstream README, CFG at the upstream setting) by config name, for the tables.
     reference_fid: dict = field(default_factory=dict)
+    # Which guidance_scale means unguided (softcfg_patch.guidance.runs_cfg): the same as the
+    # generator class's `unguided_at` (tested), readable without importing the model.
+    unguided_at: str = "0"
 
     def resolve(self, what: str) -> Callable:
         """The object named by `generator_class` / `load_generator` / `image_decoder` ("module:attribute")."""
@@ -195,6 +199,7 @@ register(ModelFamily(
     sample={"image_size_eval": Option(int, 256, "side of the saved images: decoded at the model's resolution, "
                                                 "then resized (bicubic), as upstream")},
     tokenizer_sizes=False, smoke_weights={"experiment.tokenizer_checkpoint": "llamagen.vq:random_weights"},
+    unguided_at="<=1",
     reference_fid={"llamagen_b_256": 5.46, "llamagen_l": 3.07, "llamagen_xl": 2.62, "llamagen_xxl": 2.34,
                    "llamagen_3b": 2.18},
 ))
