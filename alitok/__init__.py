@@ -1,5 +1,5 @@
 """AliTok (ali-vilab/alitok): the AR generator and its image tokenizer."""
 from .model import ARModel
-from .tokenizer import AliTokTokenizer, load_tokenizer, to_uint8_hwc
+from .tokenizer import AliTokTokenizer, load_tokenizer
 
-__all__ = ["ARModel", "AliTokTokenizer", "load_tokenizer", "to_uint8_hwc"]
+__all__ = ["ARModel", "AliTokTokenizer", "load_tokenizer"]

@@ -14,10 +14,8 @@ import torch
 import torch.nn as nn
 
 from softcfg_patch.cache import StaticKVCache, causal_attention
-from softcfg_patch.checkpoint import load_model
-from softcfg_patch.run import registry
-from softcfg_patch.layers import RMSNorm, SwiGLU, apply_rotary, rotary_table
-from softcfg_patch.step import at_step
+from softcfg_patch.checkpoint import UNKNOWN_SOURCE, load_model
+from softcfg_patch.layers import RMSNorm, SwiGLU, apply_rotary, at_step, rotary_table
 
 
 class Attention(nn.Module):
@@ -131,10 +129,8 @@ class ARModel(nn.Module):
         return self.output(self.norm(x))
 
 
-GENERATOR_SOURCE = registry.get("alitok").source("experiment.generator_checkpoint")
-
-
-def load_generator(config, path) -> ARModel:
-    """The ARModel of `config` with the weights of `path` (meta-device build, strict keys)."""
+def load_generator(config, path, source: str = UNKNOWN_SOURCE) -> ARModel:
+    """The ARModel of `config` with the weights of `path` (meta-device build, strict keys);
+    `source` (where the file is published) is quoted in every error."""
     return load_model(lambda: ARModel(config), path, what=f"AliTok generator ({config.experiment.name})",
-                      source=GENERATOR_SOURCE)
+                      source=source)

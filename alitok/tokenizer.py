@@ -18,11 +18,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from softcfg_patch.checkpoint import load_model
-from softcfg_patch.run import registry
-from softcfg_patch.layers import to_uint8_hwc
+from softcfg_patch.checkpoint import UNKNOWN_SOURCE, load_model
+from softcfg_patch.layers import unit_to_uint8_hwc
 
-WEIGHTS_SOURCE = registry.get("alitok").source("experiment.tokenizer_checkpoint")
 
 
 class Attention(nn.Module):
@@ -63,7 +61,8 @@ class Block(nn.Module):
 
 
 def _param(*shape: int, scale: float) -> nn.Parameter:
-    return nn.Parameter(scale * torch.randn(*shape))
+    # through nn.init, so the meta-device loader can skip it (checkpoint.meta_build)
+    return nn.Parameter(nn.init.normal_(torch.empty(*shape), std=scale))
 
 
 class Encoder(nn.Module):
@@ -277,7 +276,7 @@ def sizes_from_config_dict(config: Mapping[str, Any]) -> dict[str, Any]:
     return sizes
 
 
-def load_tokenizer(path: str | Path, **sizes: Any) -> AliTokTokenizer:
+def load_tokenizer(path: str | Path, *, source: str = UNKNOWN_SOURCE, **sizes: Any) -> AliTokTokenizer:
     """Build an AliTokTokenizer (published sizes unless overridden) and strictly load `path` into it.
 
     Accepts .safetensors, or .pth/.bin/.pt read with torch.load(weights_only=True); a state dict
@@ -288,14 +287,15 @@ def load_tokenizer(path: str | Path, **sizes: Any) -> AliTokTokenizer:
     if set(sizes) - known:
         raise TypeError(f"unknown AliTokTokenizer size argument(s) {sorted(set(sizes) - known)}; "
                         f"valid: {sorted(known)}")
-    return load_model(lambda: AliTokTokenizer(**sizes), path, what="AliTok tokenizer", source=WEIGHTS_SOURCE)
+    return load_model(lambda: AliTokTokenizer(**sizes), path, what="AliTok tokenizer", source=source)
 
 
-def image_decoder(config, path: str | Path, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+def image_decoder(config, path: str | Path, device: torch.device,
+                  source: str = UNKNOWN_SOURCE) -> Callable[[torch.Tensor], torch.Tensor]:
     """tokens [B, 273] -> uint8 images [B, 256, 256, 3] with the tokenizer at `path`; the codebook
     is the generator's (model.vq_model) unless model.tokenizer overrides the sizes."""
     vq = config.model.vq_model
     sizes = {"codebook_size": vq.codebook_size, **({"token_size": vq.token_size} if vq.get("token_size") else {}),
              **dict(config.model.get("tokenizer") or {})}
-    tokenizer = load_tokenizer(path, **sizes).to(device)
-    return lambda tokens: to_uint8_hwc(tokenizer.decode_tokens(tokens))
+    tokenizer = load_tokenizer(path, source=source, **sizes).to(device)
+    return lambda tokens: unit_to_uint8_hwc(tokenizer.decode_tokens(tokens))

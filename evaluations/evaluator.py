@@ -43,7 +43,7 @@ from evaluations import metrics
 from evaluations.inception import NORMALIZE_MODES, RESIZE_MODES, WEIGHTS_ENV, FIDInception, find_weights
 from evaluations.npz import BatchFileError, NpzImages, file_sha256, verified_sha256
 from softcfg_patch.errors import ConfigError, SoftCFGError
-from softcfg_patch.run.output import atomic_write, save_npz
+from softcfg_patch.files import atomic_write, save_npz
 
 CACHE_VERSION = 1
 PUBLISHED_WEIGHTS_SHA256_PREFIX = "6726825d"  # torch.hub's check: the file's SHA-256 starts with it

@@ -20,7 +20,7 @@ from typing import Iterator
 import numpy as np
 
 from softcfg_patch.errors import SoftCFGError
-from softcfg_patch.run.manifest import file_identity
+from softcfg_patch.files import file_identity
 
 IMAGES_KEY = "arr_0"
 STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")

@@ -20,11 +20,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from softcfg_patch import layers
-from softcfg_patch.checkpoint import load_model
-from softcfg_patch.run import registry
+from softcfg_patch.checkpoint import UNKNOWN_SOURCE, load_model
+from softcfg_patch.layers import signed_to_uint8_hwc
 
-WEIGHTS_SOURCE = registry.get("llamagen").source("experiment.tokenizer_checkpoint")
 BASE_CHANNELS, NUM_RES_BLOCKS, GN_GROUPS, GN_EPS = 128, 2, 32, 1e-6
 CODEBOOK_USAGE_LEN = 65536  # length of the (inference-unused) codebook_used buffer
 
@@ -204,7 +202,7 @@ class VQModel(nn.Module):
     @torch.no_grad()
     def decode_code(self, codes: torch.Tensor, shape: Sequence[int] | None = None) -> torch.Tensor:
         """codes [B, h*w] (raster order) or [B, h, w] -> images [B, 3, 16h, 16w], nominally in
-        [-1, 1] but NOT clamped (to_uint8_hwc clamps). `shape` is upstream's
+        [-1, 1] but NOT clamped (signed_to_uint8_hwc clamps). `shape` is upstream's
         [B, codebook_embed_dim, h, w]; without it the grid is taken as square."""
         codes = self._check_codes(codes)
         B = codes.shape[0]
@@ -240,10 +238,6 @@ class VQModel(nn.Module):
         return codes.long()
 
 
-def to_uint8_hwc(images: torch.Tensor) -> torch.Tensor:
-    """[B, 3, H, W] in [-1, 1] -> [B, H, W, 3] uint8: clamp(127.5 x + 128, 0, 255), truncated (upstream)."""
-    return layers.to_uint8_hwc(images, scale=127.5, offset=128.0)
-
 def resize_for_eval(images: torch.Tensor, size: int = 256) -> torch.Tensor:
     """Upstream's FID protocol for the 384 checkpoints: bicubic resize (no antialias) of the
     unclamped decoder output to size x size, before the uint8 conversion. A no-op at `size`."""
@@ -252,17 +246,18 @@ def resize_for_eval(images: torch.Tensor, size: int = 256) -> torch.Tensor:
     return F.interpolate(images, size=(size, size), mode="bicubic")
 
 
-def load_vq(path: str | Path, **sizes) -> VQModel:
+def load_vq(path: str | Path, *, source: str = UNKNOWN_SOURCE, **sizes) -> VQModel:
     """Build a VQModel (VQ-16 unless overridden) and strictly load `path` (its "model" entry)."""
-    return load_model(lambda: VQModel(**sizes), path, what="LlamaGen VQ tokenizer", source=WEIGHTS_SOURCE)
+    return load_model(lambda: VQModel(**sizes), path, what="LlamaGen VQ tokenizer", source=source)
 
 
-def image_decoder(config, path: str | Path, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+def image_decoder(config, path: str | Path, device: torch.device,
+                  source: str = UNKNOWN_SOURCE) -> Callable[[torch.Tensor], torch.Tensor]:
     """tokens [B, h*w] -> uint8 images [B, 256, 256, 3]: decoded at the model's resolution (16 h),
     resized to sample.image_size_eval with bicubic before the uint8 conversion, as upstream."""
-    vq = load_vq(path, **config.model.vq_model).to(device)
+    vq = load_vq(path, source=source, **config.model.vq_model).to(device)
     size = int(config.sample.image_size_eval)
-    return lambda tokens: to_uint8_hwc(resize_for_eval(vq.decode_code(tokens), size))
+    return lambda tokens: signed_to_uint8_hwc(resize_for_eval(vq.decode_code(tokens), size))
 
 
 def random_weights(config, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -18,8 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from softcfg_patch.cache import StaticKVCache, causal_attention
-from softcfg_patch.checkpoint import load_model
-from softcfg_patch.run import registry
+from softcfg_patch.checkpoint import UNKNOWN_SOURCE, load_model
 
 LN_EPS = 1e-6
 PREFIX = 2  # cls + class condition, the positions before x_0
@@ -187,11 +186,9 @@ class RAR(nn.Module):
         return torch.where(predicts[:, None], rows, torch.zeros_like(rows))[None]
 
 
-GENERATOR_SOURCE = registry.get("rar").source("experiment.generator_checkpoint")
-
-
-def load_generator(config, path) -> RAR:
-    """The RAR of `config` with the weights of `path` (meta-device build, strict keys)."""
+def load_generator(config, path, source: str = UNKNOWN_SOURCE) -> RAR:
+    """The RAR of `config` with the weights of `path` (meta-device build, strict keys);
+    `source` (where the file is published) is quoted in every error."""
     gen = config.model.generator
     return load_model(lambda: RAR(config), path, what=f"RAR generator ({config.experiment.name})",
-                      source=GENERATOR_SOURCE, architecture=f"hidden {gen.hidden_size}, {gen.num_hidden_layers} layers")
+                      source=source, architecture=f"hidden {gen.hidden_size}, {gen.num_hidden_layers} layers")

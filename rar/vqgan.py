@@ -22,12 +22,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from softcfg_patch.checkpoint import load_model
-from softcfg_patch.run import registry
-from softcfg_patch.layers import to_uint8_hwc
+from softcfg_patch.checkpoint import UNKNOWN_SOURCE, load_model
+from softcfg_patch.layers import unit_to_uint8_hwc
 
 WEIGHTS_FILE = "maskgit-vqgan-imagenet-f16-256.bin"
-WEIGHTS_SOURCE = registry.get("rar").source("model.vq_model.pretrained_tokenizer_weight")
 GN_GROUPS, GN_EPS = 32, 1e-6
 
 
@@ -264,7 +262,7 @@ def sizes_from_config_dict(config: Mapping[str, Any]) -> dict[str, Any]:
     return sizes
 
 
-def load_vqgan(path: str | Path, **sizes: Any) -> MaskGITVQGAN:
+def load_vqgan(path: str | Path, *, source: str = UNKNOWN_SOURCE, **sizes: Any) -> MaskGITVQGAN:
     """Build a MaskGITVQGAN (published sizes unless overridden) and strictly load `path` into it.
 
     Accepts .safetensors, or .bin/.pth/.pt read with torch.load(weights_only=True); a state dict
@@ -275,14 +273,15 @@ def load_vqgan(path: str | Path, **sizes: Any) -> MaskGITVQGAN:
     known = set(inspect.signature(MaskGITVQGAN.__init__).parameters) - {"self"}
     if set(sizes) - known:
         raise TypeError(f"unknown MaskGITVQGAN size argument(s) {sorted(set(sizes) - known)}; valid: {sorted(known)}")
-    return load_model(lambda: MaskGITVQGAN(**sizes), path, what="MaskGIT-VQGAN tokenizer", source=WEIGHTS_SOURCE)
+    return load_model(lambda: MaskGITVQGAN(**sizes), path, what="MaskGIT-VQGAN tokenizer", source=source)
 
 
-def image_decoder(config, path: str | Path, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+def image_decoder(config, path: str | Path, device: torch.device,
+                  source: str = UNKNOWN_SOURCE) -> Callable[[torch.Tensor], torch.Tensor]:
     """tokens [B, 256] -> uint8 images [B, 256, 256, 3] with the VQGAN at `path`; the codebook is
     the generator's (model.vq_model) unless model.tokenizer overrides the sizes."""
     vq = config.model.vq_model
     sizes = {"num_embeddings": vq.codebook_size, **({"embedding_dim": vq.token_size} if vq.get("token_size") else {}),
              **dict(config.model.get("tokenizer") or {})}
-    vqgan = load_vqgan(path, **sizes).to(device)
-    return lambda tokens: to_uint8_hwc(vqgan.decode_tokens(tokens))
+    vqgan = load_vqgan(path, source=source, **sizes).to(device)
+    return lambda tokens: unit_to_uint8_hwc(vqgan.decode_tokens(tokens))

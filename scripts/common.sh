@@ -7,6 +7,7 @@
 #   INCEPTION   FID Inception weights (default: pt_inception-2015-12-05-6726825d.pth in WEIGHTS, else the
 #               evaluator's search); every input is checked before a model's first setting
 #   BOOTSTRAP   bootstrap resamples: each row's std and 95% interval (default 100), paired deltas (200)
+#   IN_PROCESS  sampler and evaluator inside run_setting.py's process (default: SMOKE on one process)
 #   BATCH, DEVICE, WANDB=1, DELETE_SAMPLES=1, PYTHON  see scripts/run_setting.py --help
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

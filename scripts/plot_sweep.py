@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from collect_results import load_rows, summarize  # noqa: E402
 
 from softcfg_patch.errors import SoftCFGError, exit_on_error  # noqa: E402 (collect_results put the repo on sys.path)
-from softcfg_patch.run.output import atomic_write  # noqa: E402
+from softcfg_patch.files import atomic_write  # noqa: E402
 
 PANELS = (("fid", "FID (lower is better)"), ("inception_score", "Inception Score (higher is better)"))
 

@@ -2,7 +2,8 @@
 
 The method lives here once; models only describe their architecture.
 
-    Guidance        the validated settings (guidance.py)
+    Guidance        the validated settings; runs_cfg / method: the one rule for whether
+                    guidance runs at a scale, per model (guidance.py)
     step            the one guided step in stages: mix, temperature, filter, sample,
                     confidence, multipliers (step.py), shared by every driver
     generate        sample tokens with CFG / SoftCFG, optionally compiled (sampler.py)
@@ -21,19 +22,20 @@ from typing import TYPE_CHECKING
 from .lazy import lazy_exports
 
 _SOURCES = {  # exported name -> submodule that defines it
-    "Guidance": "guidance", "guidance_schedule": "guidance",
+    "Guidance": "guidance", "guidance_schedule": "guidance", "runs_cfg": "guidance", "runs_softcfg": "guidance",
+    "method": "guidance",
     "StaticKVCache": "cache", "MultiplierTable": "cache",
     "GuidedModel": "sampler", "generate": "sampler", "decode_step": "sampler",
     "guided_logits": "sampler", "decode_loop": "sampler",
-    "multipliers": "rule", "image_position_weights": "rule", "token_confidence": "rule",
+    "multipliers": "rule", "aligned_multipliers": "rule", "token_confidence": "rule",
 }
-# Submodules the eager package used to load, still reachable as attributes (softcfg_patch.step).
-_SUBMODULES = ("step", "guidance", "cache", "rule", "sampler", "precision")
+# Submodules reachable as attributes (softcfg_patch.step), imported on first use like the names.
+_SUBMODULES = ("step", "guidance", "cache", "rule", "sampler", "precision", "files", "layers")
 
 __all__ = [
-    "Guidance", "guidance_schedule", "StaticKVCache", "MultiplierTable", "GuidedModel", "generate",
-    "decode_step", "step",
-    "guided_logits", "decode_loop", "multipliers", "image_position_weights", "token_confidence",
+    "Guidance", "guidance_schedule", "runs_cfg", "runs_softcfg", "method", "StaticKVCache", "MultiplierTable",
+    "GuidedModel", "generate", "decode_step", "step", "guided_logits", "decode_loop", "multipliers",
+    "aligned_multipliers", "token_confidence",
 ]
 
 __getattr__, __dir__ = lazy_exports(__name__, _SOURCES, _SUBMODULES, __all__)
@@ -41,6 +43,6 @@ __getattr__, __dir__ = lazy_exports(__name__, _SOURCES, _SUBMODULES, __all__)
 if TYPE_CHECKING:  # static analysers see the eager imports
     from . import step
     from .cache import MultiplierTable, StaticKVCache
-    from .guidance import Guidance, guidance_schedule
-    from .rule import image_position_weights, multipliers, token_confidence
+    from .guidance import Guidance, guidance_schedule, method, runs_cfg, runs_softcfg
+    from .rule import aligned_multipliers, multipliers, token_confidence
     from .sampler import GuidedModel, decode_loop, decode_step, generate, guided_logits

@@ -89,16 +89,6 @@ class StaticKVCache:
         self.position: Optional[torch.Tensor] = None  # fixed-shape mode: the decoded position
         self.key_positions: Optional[torch.Tensor] = None
 
-    @property
-    def k(self) -> torch.Tensor:
-        """All stored keys, [layers, rows, heads, max_len, head_dim] (a copy, for inspection)."""
-        return torch.stack(self.layer_keys)
-
-    @property
-    def v(self) -> torch.Tensor:
-        """All stored values, [layers, rows, heads, max_len, head_dim] (a copy, for inspection)."""
-        return torch.stack(self.layer_values)
-
     def enable_multipliers(self, target: str = "v") -> MultiplierTable:
         """Allocate the (all ones) multiplier table; `target` is "v", "k" or "kv"."""
         first = self.layer_keys[0]

@@ -10,8 +10,9 @@ from __future__ import annotations
 import argparse
 import pickle
 import re
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -20,6 +21,8 @@ from .errors import CheckpointError, MissingFileError
 __all__ = ["CheckpointError", "read_state_dict", "check_state_dict", "load_state", "load_model", "load_checkpoint",
            "looks_like_html", "html_message"]
 
+# Where a file comes from, when the caller does not say (the runner passes the registry's text).
+UNKNOWN_SOURCE = "the model's official release (see the README's checkpoint table)"
 # Wrappers some training scripts put around the state dict (DDP "model", DeepSpeed "module", ...).
 _WRAPPER_KEYS = ("state_dict", "model", "model_state", "module", "generator", "ema")
 # Prefixes of saved wrapped modules: DistributedDataParallel, torch.compile.
@@ -185,6 +188,35 @@ def load_state(module: torch.nn.Module, state: dict[str, torch.Tensor], *, path,
     return module
 
 
+# The in-place initialisers of torch.nn.init that layers call from reset_parameters().
+INITIALISERS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_",
+                "dirac_", "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_",
+                "orthogonal_", "sparse_")
+
+
+@contextmanager
+def meta_build() -> Iterator[None]:
+    """Build modules on the meta device without running their initialisers.
+
+    Every value is replaced by the checkpoint, so initialising is wasted work; and on meta
+    tensors `normal_` goes through a Python reference kernel whose first call imports
+    torch._dynamo (about 3 s of every sampler's start-up on a CPU).
+    """
+    saved = {name: getattr(torch.nn.init, name) for name in INITIALISERS if hasattr(torch.nn.init, name)}
+    for name in saved:
+        setattr(torch.nn.init, name, _leave_as_is)
+    try:
+        with torch.device("meta"):
+            yield
+    finally:
+        for name, function in saved.items():
+            setattr(torch.nn.init, name, function)
+
+
+def _leave_as_is(tensor: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    return tensor
+
+
 def load_model(build: Callable[[], torch.nn.Module], path: str | Path, *, what: str, source: str,
                architecture: Optional[str] = None,
                state: Optional[dict[str, torch.Tensor]] = None) -> torch.nn.Module:
@@ -196,7 +228,7 @@ def load_model(build: Callable[[], torch.nn.Module], path: str | Path, *, what: 
     """
     if state is None:
         state = read_state_dict(path, what=what, source=source)  # fails fast, before building
-    with torch.device("meta"):
+    with meta_build():
         model = build()
     load_state(model, state, path=path, what=what, source=source,
                architecture=architecture if architecture is not None else getattr(model, "architecture", ""))

@@ -2,7 +2,8 @@
 
 A family package imports these instead of another family's files, so no family
 depends on another: RMSNorm, the SwiGLU MLP, interleaved rotary embeddings with a 2-D
-grid table, and the decoder-output -> uint8 image conversion.
+grid table, `at_step` (reading a position table at the decode step), and the
+decoder-output -> uint8 image conversions.
 """
 from __future__ import annotations
 
@@ -47,6 +48,13 @@ def rotary_table(head_dim: int, prefix_len: int = 17, grid_size: int = 16,
     order: the first half of the pairs rotate with the row index, the second half with
     the column index, both offset by prefix_len.
     """
+    ambient = torch.empty(0).device  # the caller's default device (meta while a loader builds)
+    with torch.device("cpu"):  # a small table: on meta, these ops would import torch._dynamo
+        table = _rotary_table(head_dim, prefix_len, grid_size, base)
+    return table.to(ambient)
+
+
+def _rotary_table(head_dim: int, prefix_len: int, grid_size: int, base: float) -> torch.Tensor:
     half = head_dim // 2
     freqs_1d = 1.0 / (base ** (torch.arange(0, head_dim, 2)[:half].float() / head_dim))
     angles_1d = torch.outer(torch.arange(prefix_len).float(), freqs_1d)
@@ -69,10 +77,24 @@ def apply_rotary(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     return torch.stack([a * cos - b * sin, b * cos + a * sin], dim=-1).flatten(-2).type_as(x)
 
 
-def to_uint8_hwc(images: torch.Tensor, scale: float = 255.0, offset: float = 0.0) -> torch.Tensor:
-    """[B, 3, H, W] float -> [B, H, W, 3] uint8: clamp(scale * x + offset, 0, 255), truncated.
+def at_step(table: torch.Tensor, step) -> torch.Tensor:
+    """table[step:step + 1] for an int step (eager decoding) or a 0-d tensor step (the compiled
+    fixed-shape step: a gather, so no host sync and no recompile per step)."""
+    if torch.is_tensor(step):
+        return table.index_select(0, step.view(1))
+    return table[step:step + 1]
 
-    The defaults map [0, 1] (AliTok, RAR: clamp, x255, truncate); LlamaGen's [-1, 1] rule
-    is scale 127.5, offset 128. float32 first: x * 255 in bf16 would land on the wrong integer.
-    """
+
+def unit_to_uint8_hwc(images: torch.Tensor) -> torch.Tensor:
+    """[B, 3, H, W] float in [0, 1] -> [B, H, W, 3] uint8 (AliTok, RAR: clamp, x255, truncate)."""
+    return _to_uint8_hwc(images, scale=255.0, offset=0.0)
+
+
+def signed_to_uint8_hwc(images: torch.Tensor) -> torch.Tensor:
+    """[B, 3, H, W] float in [-1, 1] -> [B, H, W, 3] uint8 (LlamaGen: 127.5 x + 128, clamp, truncate)."""
+    return _to_uint8_hwc(images, scale=127.5, offset=128.0)
+
+
+def _to_uint8_hwc(images: torch.Tensor, scale: float, offset: float) -> torch.Tensor:
+    # float32 first: x * 255 in bf16 would land on the wrong integer
     return (scale * images.float() + offset).clamp(0.0, 255.0).permute(0, 2, 3, 1).to(torch.uint8)

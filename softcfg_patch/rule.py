@@ -48,7 +48,7 @@ def multipliers(conf: torch.Tensor, strength: float, step_norm: bool,
     return (1 - conf) ** strength
 
 
-def image_position_weights(history: torch.Tensor, strength: float, step_norm: bool,
+def aligned_multipliers(history: torch.Tensor, strength: float, step_norm: bool,
                            min_weight: float = 0.05, align: str = "source") -> torch.Tensor:
     """Weights for the positions of x_0 .. x_{t-1} during the forward of step t, [B, t].
 

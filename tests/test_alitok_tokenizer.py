@@ -8,13 +8,17 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from alitok.tokenizer import AliTokTokenizer, load_tokenizer, sizes_from_config_dict, to_uint8_hwc
+from alitok.tokenizer import AliTokTokenizer, load_tokenizer, sizes_from_config_dict
+from softcfg_patch.layers import unit_to_uint8_hwc as to_uint8_hwc
 from conftest import FIXTURES, load_golden
+from softcfg_patch.run import registry
 
 IO = load_golden("alitok_tokenizer_tiny_io.safetensors")
 WEIGHTS = load_golden("alitok_tokenizer_tiny_weights.safetensors")
 CONFIG = json.loads((FIXTURES / "alitok_tokenizer_tiny_config.json").read_text())
 TINY = sizes_from_config_dict(CONFIG)
+# where the file is published: the registry's text, which the runner hands every loader
+SOURCE = registry.get("alitok").source("experiment.tokenizer_checkpoint")
 # uint8 conversion truncates, so a 1-ulp difference in float32 can flip a pixel that sits on an
 # integer boundary (an fp64 run of the same model flips 2). Allow |diff| <= 1 on a handful.
 MAX_FLIPPED_PIXELS = 8
@@ -147,7 +151,7 @@ def test_load_tokenizer_reads_safetensors_and_wrapped_pth(tmp_path):
 def test_missing_file_names_it_and_the_official_source(tmp_path):
     path = tmp_path / "weights" / "AliTok.pth"
     with pytest.raises(FileNotFoundError) as err:
-        load_tokenizer(path)
+        load_tokenizer(path, source=SOURCE)
     assert str(path) in str(err.value)
     assert "ali-vilab/alitok" in str(err.value) and "AliTok.pth" in str(err.value)
 
@@ -163,7 +167,7 @@ def test_truncated_file_is_a_clear_error(tmp_path, suffix):
     data = whole.read_bytes()
     cut.write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError) as err:
-        load_tokenizer(cut, **TINY)
+        load_tokenizer(cut, source=SOURCE, **TINY)
     message = str(err.value)
     assert str(cut) in message and "truncated" in message and "ali-vilab/alitok" in message
 
@@ -182,7 +186,7 @@ def test_arbitrary_pickle_is_refused(tmp_path):
 def test_wrong_model_weights_list_missing_and_unexpected_keys():
     rar = FIXTURES / "rar_tiny_weights.safetensors"
     with pytest.raises(ValueError) as err:
-        load_tokenizer(rar, **TINY)
+        load_tokenizer(rar, source=SOURCE, **TINY)
     message = str(err.value)
     assert str(rar) in message and "AliTok tokenizer" in message
     assert "missing keys" in message and "unexpected keys" in message

@@ -114,10 +114,11 @@ def test_fixed_shape_attention_equals_sliced(target):
         caches[1].position.fill_(length + step)
         fixed = caches[1].attend(0, q, k, v)
         torch.testing.assert_close(fixed, sliced, atol=1e-6, rtol=1e-6)
-    assert torch.equal(caches[0].k, caches[1].k) and torch.equal(caches[0].v, caches[1].v)
+    for a, b in zip(caches[0].layer_keys + caches[0].layer_values, caches[1].layer_keys + caches[1].layer_values):
+        assert torch.equal(a, b)
     # and against the formula written out: weights on the first `end` positions only
     end = max_len
-    keys, values = caches[0].k[0], caches[0].v[0]
+    keys, values = torch.stack(caches[0].layer_keys)[0], torch.stack(caches[0].layer_values)[0]
     w = weights[:, None, None, :end]
     scores = q @ (keys * w.transpose(-1, -2) if "k" in target else keys).transpose(-1, -2) / math.sqrt(dim)
     expected = scores.softmax(-1) @ (values * w.transpose(-1, -2) if "v" in target else values)

@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 import softcfg_patch as sp
+from softcfg_patch.guidance import runs_cfg, runs_softcfg
 from demo import digits, run
 from evaluations.metrics import frechet_distance, statistics
 
@@ -249,10 +250,10 @@ def test_settings_grid():
     settings = run.build_settings(cfg.demo, [1.5, 3.0])
     assert [s.method for s in settings] == ["none"] + ["cfg", "softcfg", "softcfg_nosn"] * 2
     none = settings[0].guidance
-    assert not none.uses_cfg
+    assert not runs_cfg(none)
     for s in settings[1:]:
         assert s.guidance.guidance_scale == s.scale
-        assert s.guidance.uses_softcfg == (s.method != "cfg")
+        assert runs_softcfg(s.guidance) == (s.method != "cfg")
         if s.method != "cfg":
             assert s.guidance.step_norm == (s.method == "softcfg")
 

@@ -267,7 +267,7 @@ def test_damaged_cache_is_recomputed_and_rewritten(weights, batches, recorder, c
 
 
 def test_sampler_npz_write_removes_a_killed_runs_temporary(tmp_path):
-    from softcfg_patch.run.output import atomic_write, save_npz
+    from softcfg_patch.files import atomic_write, save_npz
     npz = tmp_path / "run.npz"
     stale = _leftover(npz, _dead_pid())  # what kill -9 during the npz write leaves
     png = tmp_path / "000001.png"

@@ -13,9 +13,13 @@ from safetensors.torch import load_file, save_file
 
 import softcfg_patch as sp
 from conftest import FIXTURES, ROOT
-from llamagen import GPT, VQModel, load_gpt, load_vq, resize_for_eval, to_uint8_hwc
+from llamagen import GPT, VQModel, load_gpt, load_vq, resize_for_eval
+from softcfg_patch.layers import signed_to_uint8_hwc as to_uint8_hwc
 from softcfg_patch.checkpoint import CheckpointError
-from softcfg_patch.rule import image_position_weights, token_confidence
+from softcfg_patch.run import registry
+from softcfg_patch.guidance import runs_cfg
+from softcfg_patch.rule import aligned_multipliers, token_confidence
+from softcfg_patch.step import rng_preamble
 
 HERE = FIXTURES / "llamagen"
 GOLDEN = load_file(HERE / "llamagen_tiny_golden.safetensors")
@@ -24,6 +28,8 @@ KEYS = json.loads((HERE / "keys_llamagen.json").read_text())["models"]
 RUNS = {run["name"]: run for run in SPEC["runs"]}
 TINY_CONFIG = ROOT / "tests" / "configs" / "llamagen_tiny.yaml"
 TINY_WEIGHTS = HERE / "llamagen_gpt_tiny_weights.safetensors"
+# where the file is published: the registry's text, which the runner hands every loader
+SOURCE = registry.get("llamagen").source("experiment.generator_checkpoint")
 N, P = 16, 1  # image tokens, prefix positions
 
 
@@ -106,9 +112,10 @@ def test_protocol_constants_and_hooks(tiny):
     labels = torch.tensor([3, 7])
     assert torch.equal(tiny.condition_ids(labels), labels)
     assert torch.equal(tiny.none_condition_ids(labels), torch.tensor([10, 10]))
-    assert tiny.guidance_is_off(1.0) and tiny.guidance_is_off(0.5) and not tiny.guidance_is_off(1.01)
+    on = lambda scale: runs_cfg(sp.Guidance(guidance_scale=scale), tiny)  # noqa: E731
+    assert not on(1.0) and not on(0.5) and on(1.01)
     state = torch.get_rng_state()
-    assert tiny.rng_preamble(2, None, torch.device("cpu")) is None
+    rng_preamble(tiny, 2, None, torch.device("cpu"))
     assert torch.equal(torch.get_rng_state(), state)  # draws nothing
 
 
@@ -135,7 +142,7 @@ def forced_step_logits(model: GPT, run: dict, tokens: torch.Tensor, confidence: 
     cache.advance(P)
     for t in range(1, N):
         if soft:
-            cache.multipliers.write(slice(B, 2 * B), P, image_position_weights(
+            cache.multipliers.write(slice(B, 2 * B), P, aligned_multipliers(
                 confidence[:, :t], soft["strength"], soft["step_norm"], 0.05, "source"))
         previous = torch.cat([tokens[:, t - 1]] * (2 if cfg else 1))
         steps.append(model.decode(previous, torch.tensor(t) if step_as_tensor else t, cache))
@@ -337,7 +344,7 @@ def test_bad_checkpoints_get_one_line_errors(tmp_path):
     bigger.model.generator.n_layer = 3
     _one_line_error(bigger, TINY_WEIGHTS, "dim 64 and 2 layers, but the config builds dim 64 and 3 layers")
     with pytest.raises(FileNotFoundError, match="huggingface.co/FoundationVision/LlamaGen"):
-        load_gpt(cfg, tmp_path / "c2i_B_256.pt")
+        load_gpt(cfg, tmp_path / "c2i_B_256.pt", source=SOURCE)
 
 
 def test_invalid_architecture_is_rejected():

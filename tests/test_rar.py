@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 import softcfg_patch as sp
+from softcfg_patch.guidance import method
 from conftest import FIXTURES, ROOT, load_golden
 from rar.model import RAR
 
@@ -68,7 +69,7 @@ def test_config_sampling_settings_are_upstream_readme(size, scale, power, temp):
     cfg = OmegaConf.load(ROOT / "configs" / f"rar_{size}.yaml")
     g = sp.Guidance.from_config(cfg.model.generator)
     assert (g.guidance_scale, g.guidance_scale_pow, g.randomize_temperature) == (scale, power, temp)
-    assert g.uses_cfg and not g.uses_softcfg  # shipped configs are plain CFG
+    assert method(g, RAR) == "cfg"  # shipped configs are plain CFG
     assert cfg.experiment.generator_checkpoint == f"weights/rar_{size}.bin"
     assert cfg.model.generator.seed == 42
 

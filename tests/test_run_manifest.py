@@ -17,6 +17,7 @@ from PIL import Image
 
 from conftest import ROOT, FIXTURES
 from softcfg_patch.errors import ConfigError
+from softcfg_patch.files import file_identity
 from softcfg_patch.guidance import Guidance
 from softcfg_patch.run import config as run_config
 from softcfg_patch.run import manifest as mf
@@ -90,14 +91,14 @@ def test_partial_last_batch_and_file_identity(tmp_path):
     assert mf.partial_last_batch(6, 2) is None
     assert mf.partial_last_batch(5, 2) == (2, range(4, 5))
     (tmp_path / "w").write_bytes(b"abc")
-    assert mf.file_identity(tmp_path / "w", chunk_bytes=2) == {
+    assert file_identity(tmp_path / "w", chunk_bytes=2) == {
         "sha256": "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad", "size": 3}
 
 
 def tiny_manifest(*args):
     config = run_config.parse_cli(["--config", TINY, *args], "alitok")
     runner.check_inputs(config, ALITOK.checkpoints, want_decoder=True)
-    return runner.run_manifest(config, ALITOK.checkpoints, True, torch.device("cpu"))
+    return runner.run_manifest(config, ALITOK, True, torch.device("cpu"))
 
 
 def test_checkpoints_are_identified_by_content_not_path(tmp_path):
@@ -321,6 +322,6 @@ def test_table_runs_that_share_samples_give_the_sampler_the_same_settings():
     cfg = {**run_setting.GUIDANCE_DEFAULTS, "guidance_scale": 13.0, "guidance_scale_pow": 1.4}
     a, b = {**cfg, "step_norm": False}, {**cfg, "softcfg_target": "k", "softcfg_min_weight": 0.1}
     assert run_setting.run_name("alitok_xl", False, a, 0, 4, 4) == run_setting.run_name("alitok_xl", False, b, 0, 4, 4)
-    assert run_setting.sampler_guidance(a) == run_setting.sampler_guidance(b) == cfg
+    assert run_setting.sampler_guidance(a, "alitok_xl") == run_setting.sampler_guidance(b, "alitok_xl") == cfg
     soft = {**cfg, "softcfg_strength": 1.0, "step_norm": False}
-    assert run_setting.sampler_guidance(soft) == soft  # every key matters for SoftCFG
+    assert run_setting.sampler_guidance(soft, "alitok_xl") == soft  # every key matters for SoftCFG

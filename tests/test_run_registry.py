@@ -77,11 +77,11 @@ class ToyGPT(nn.Module):
         return self.head(x)[:, -1]
 
 
-def load_toy(config, path):
-    return load_model(lambda: ToyGPT(config), path, what="toy generator", source="this test")
+def load_toy(config, path, source):
+    return load_model(lambda: ToyGPT(config), path, what="toy generator", source=source)
 
 
-def toy_decoder(config, path, device):
+def toy_decoder(config, path, device, source):
     """Token t -> gray level 30 t, a 2x2 image per sample (no weights; `path` is unused)."""
     return lambda tokens: (tokens.view(-1, 2, 2, 1).expand(-1, -1, -1, 3) * 30).to(torch.uint8)
 
@@ -149,7 +149,8 @@ def tiny_vq_file(tmp_path_factory):
 
 
 def test_llamagen_sampler_end_to_end_on_the_tiny_config(tmp_path, capsys, tiny_vq_file):
-    from llamagen import load_gpt, load_vq, resize_for_eval, to_uint8_hwc
+    from llamagen import load_gpt, load_vq, resize_for_eval
+    from softcfg_patch.layers import signed_to_uint8_hwc as to_uint8_hwc
     out = tmp_path / "llamagen"
     args = ["--config", "tests/configs/llamagen_tiny.yaml", f"--experiment.output_dir={out}",
             f"--experiment.tokenizer_checkpoint={tiny_vq_file}", "--sample.num_fid_samples=3",

@@ -132,7 +132,8 @@ def test_outputs_are_pngs_npz_and_tokens_from_the_documented_seeds(single_run, t
     gen = torch.Generator().manual_seed(runner.batch_seed(0, 1))
     expected = sp.generate(tiny_alitok, torch.tensor([2, 3]), g, generator=gen)
     assert np.array_equal(tokens[2:4], expected.numpy())
-    from alitok.tokenizer import load_tokenizer, to_uint8_hwc
+    from alitok.tokenizer import load_tokenizer
+    from softcfg_patch.layers import unit_to_uint8_hwc as to_uint8_hwc
     tok = load_tokenizer(ROOT / "tests/fixtures/alitok_tokenizer_tiny_weights.safetensors", encoder_width=64,
                          encoder_layers=1, encoder_heads=4, decoder_width=64, decoder_layers=2,
                          decoder_heads=4, token_size=8, codebook_size=64)

@@ -29,11 +29,10 @@ import plot_sweep  # noqa: E402
 import run_setting  # noqa: E402
 
 KNOBS = ("SMOKE", "SEEDS", "RESULTS", "NUM_SAMPLES", "NPROC", "WEIGHTS", "REF", "INCEPTION", "BATCH",
-         "DEVICE", "WANDB", "DELETE_SAMPLES", "EVALUATOR", "MODEL", "SCALES", "POWS")
+         "DEVICE", "WANDB", "DELETE_SAMPLES", "EVALUATOR", "MODEL", "SCALES", "POWS", "IN_PROCESS")
 ROW_FIELDS = ("run", "table", "model", "method", "smoke", "label", "guidance", "seed", "num_samples",
               "metrics", "git_commit", "evaluator", "inception_weights", "reference", "wall_time_s")
 RECIPE_SHA = json.loads((ROOT / "tests/fixtures/inception/weights_recipe.json").read_text())["sha256_472_float_keys"]
-HAVE_EVALUATOR = (ROOT / "evaluations" / "evaluator.py").is_file()
 
 
 def run(cmd: list, **env: str) -> subprocess.CompletedProcess:
@@ -240,7 +239,6 @@ def test_bad_input_gives_usage_and_listed_downloads(tmp_path):
     assert res.returncode == 2 and "must be >= 4" in res.stderr
 
 
-@pytest.mark.skipif(not HAVE_EVALUATOR, reason="evaluations/evaluator.py is not there yet")
 def test_wandb_without_the_package_is_refused_up_front(tmp_path):
     try:
         import wandb  # noqa: F401
@@ -387,8 +385,6 @@ def test_common_sh_checks_each_model_once_before_its_first_setting(tmp_path):
 # ----------------------------------------------------------------------------- end to end
 @pytest.fixture(scope="module")
 def smoke_results(tmp_path_factory) -> Path:
-    if not HAVE_EVALUATOR:
-        pytest.skip("evaluations/evaluator.py is not there yet")
     return tmp_path_factory.mktemp("smoke") / "results"
 
 

@@ -10,13 +10,17 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import FIXTURES, load_golden
-from rar.vqgan import MaskGITVQGAN, ResnetBlock, load_vqgan, sizes_from_config_dict, to_uint8_hwc
+from rar.vqgan import MaskGITVQGAN, ResnetBlock, load_vqgan, sizes_from_config_dict
+from softcfg_patch.layers import unit_to_uint8_hwc as to_uint8_hwc
+from softcfg_patch.run import registry
 
 IO = load_golden("maskgit_vqgan_tiny_io.safetensors")
 WEIGHTS_PATH = FIXTURES / "maskgit_vqgan_tiny_weights.safetensors"
 WEIGHTS = load_golden(WEIGHTS_PATH.name)
 CONFIG = json.loads((FIXTURES / "maskgit_vqgan_tiny_config.json").read_text())
 TINY = sizes_from_config_dict(CONFIG)
+# where the file is published: the registry's text, which the runner hands every loader
+SOURCE = registry.get("rar").source("model.vq_model.pretrained_tokenizer_weight")
 # uint8 conversion truncates, so float32 noise flips pixels that sit on an integer boundary.
 # This build flips 40 of 393,216 values by 1; an fp64 run of the same model flips 123.
 MAX_FLIPPED_VALUES = 200
@@ -128,7 +132,7 @@ def test_chunked_decode_matches_whole_batch(tiny, raw):
 # ------------------------------------------------------------------ loader errors
 def test_missing_file_names_the_official_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError) as exc:
-        load_vqgan(tmp_path / "nope.bin")
+        load_vqgan(tmp_path / "nope.bin", source=SOURCE)
     msg = str(exc.value)
     assert "nope.bin" in msg and "maskgit-vqgan-imagenet-f16-256.bin" in msg
     assert "fun-research/TiTok" in msg and "huggingface.co" in msg
@@ -144,7 +148,7 @@ def test_truncated_file_is_a_clear_error(tmp_path, suffix):
     bad = tmp_path / f"truncated{suffix}"
     bad.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     with pytest.raises(ValueError) as exc:
-        load_vqgan(bad, **TINY)
+        load_vqgan(bad, source=SOURCE, **TINY)
     msg = str(exc.value)
     assert str(bad) in msg and "truncated" in msg and "fun-research/TiTok" in msg
 

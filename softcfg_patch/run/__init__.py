@@ -3,7 +3,7 @@
     registry    one entry per model family (MODELS, register, get)
     config      OmegaConf structured schema per family, the command line, --help
     runner      distributed set-up, batch plan, manifest, the sampling loop, main
-    output      PNG / token / npz files, atomic writes, the output folder's state
+    output      PNG / token / npz files and the output folder's state (atomic writes: softcfg_patch.files)
     manifest    what made the samples in an output folder (pure functions)
 
 A family's entry point is two lines: `from softcfg_patch.run import entry_point;
@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from ..lazy import lazy_exports
 
 _SOURCES = {  # exported name -> submodule that defines it
-    "parse_cli": "config", "atomic_write": "output",
+    "parse_cli": "config",
     "MODELS": "registry", "Checkpoint": "registry", "ModelFamily": "registry", "Option": "registry",
     "get": "registry", "register": "registry",
     "entry_point": "runner", "main": "runner", "run_sampling": "runner",
@@ -25,12 +25,11 @@ _SOURCES = {  # exported name -> submodule that defines it
 _SUBMODULES = ("registry", "config", "runner", "output", "manifest")
 
 __all__ = ["MODELS", "ModelFamily", "Option", "Checkpoint", "register", "get", "parse_cli", "main",
-           "run_sampling", "entry_point", "atomic_write"]
+           "run_sampling", "entry_point"]
 
 __getattr__, __dir__ = lazy_exports(__name__, _SOURCES, _SUBMODULES, __all__)
 
 if TYPE_CHECKING:  # static analysers see the eager imports
     from .config import parse_cli
-    from .output import atomic_write
     from .registry import MODELS, Checkpoint, ModelFamily, Option, get, register
     from .runner import entry_point, main, run_sampling

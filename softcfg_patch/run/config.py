@@ -1,8 +1,8 @@
 """The run config: an OmegaConf structured schema per model family, the command line, --help.
 
 The schema is built from dataclasses: the options every run has (experiment, sample,
-wandb, below), the guidance settings (the fields of `softcfg_patch.Guidance`, their help
-taken from its docstring) and the family's architecture keys (its registry entry).
+wandb, below), the guidance settings (the fields of `softcfg_patch.Guidance` and their
+`help` metadata) and the family's architecture keys (its registry entry).
 OmegaConf rejects unknown keys and wrong types; this module turns its errors into one
 line that says how to fix them (with the nearest key for a typo).
 
@@ -11,7 +11,6 @@ line that says how to fix them (with the nearest key for a typo).
 from __future__ import annotations
 
 import difflib
-import re
 from dataclasses import dataclass, field, fields, is_dataclass, make_dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
@@ -76,21 +75,6 @@ class Wandb:
     name: str = _opt("", "W&B run name (empty: W&B picks one)")
 
 
-def guidance_help() -> dict:
-    """{field: description} from the `name: text` lines of Guidance's docstring."""
-    out, current = {}, None
-    for line in (Guidance.__doc__ or "").splitlines():
-        match = re.match(r"\s{4}(\w+):\s+(.*)", line)
-        if match and match.group(1) in {f.name for f in fields(Guidance)}:
-            current = match.group(1)
-            out[current] = match.group(2).strip()
-        elif current and line.strip() and re.match(r"\s{8,}", line):
-            out[current] += " " + line.strip()
-        else:
-            current = None
-    return out
-
-
 def _field(name: str, type_: Any, default: Any, help: str) -> tuple:
     if type_ is list:
         type_ = List[Any]
@@ -101,9 +85,8 @@ def _field(name: str, type_: Any, default: Any, help: str) -> tuple:
 
 def schema(family: ModelFamily) -> type:
     """The dataclass of a full run config of `family`."""
-    helps = guidance_help()
     guidance = [_field(f.name, f.type if not isinstance(f.type, str) else type(f.default), f.default,
-                       helps.get(f.name, "")) for f in fields(Guidance)]
+                       f.metadata["help"]) for f in fields(Guidance)]
     arch = [_field(n, o.type, o.default, o.help) for n, o in family.generator.items()]
     generator = make_dataclass(f"{family.title}Generator", arch + guidance)
     vq_model = make_dataclass(f"{family.title}VQ", [_field(n, o.type, o.default, o.help)

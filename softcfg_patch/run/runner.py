@@ -46,7 +46,8 @@ from tqdm import tqdm
 
 from ..checkpoint import html_message, looks_like_html
 from ..errors import ConfigError, SoftCFGError, exit_on_error, report
-from ..guidance import Guidance
+from ..files import file_identity, save_npy
+from ..guidance import Guidance, method
 from ..precision import cpu_has_fast_bf16, store_linear_weights, tf32
 from ..sampler import generate
 from . import manifest as mf
@@ -294,23 +295,22 @@ def class_labels(indices: range, num_classes: int, mode: str = "balanced", seed:
 SAMPLE_FIELDS = frozenset(f.name for f in fields(Sample))  # the options every family shares
 
 
-def run_manifest(config: DictConfig, inputs: Sequence[Checkpoint], want_decoder: bool,
-                 device: torch.device) -> dict:
+def run_manifest(config: DictConfig, family: ModelFamily, want_decoder: bool, device: torch.device) -> dict:
     """The manifest of this run: hashes each input file once (rank 0 only)."""
     s = config.sample
-    guidance = Guidance.from_config(config.model.generator).to_dict()
-    images = {f"model.generator.{k}": v for k, v in guidance.items()}
+    guidance = Guidance.from_config(config.model.generator)
+    images = {f"model.generator.{k}": v for k, v in guidance.to_dict().items()}
     images.update({f"sample.{k}": s[k] for k in ("seed", "per_proc_batch_size", "num_fid_samples", "precision",
                                                   "labels")})
     # a family's own sample options (ModelFamily.sample, e.g. LlamaGen's image_size_eval) shape its images
     images.update({f"sample.{k}": s[k] for k in s if k not in SAMPLE_FIELDS})
     images["softcfg.version"] = mf.project_version(REPO_ROOT)
-    recorded = {}
-    for item in inputs:
+    recorded = {"method": method(guidance, family)}  # what runs: noguidance, cfg or softcfg
+    for item in family.checkpoints:
         if item.decoder_only and not want_decoder:
             continue
         path = str(OmegaConf.select(config, item.key))
-        images.update({f"{item.manifest_name}.{k}": v for k, v in mf.file_identity(path).items()})
+        images.update({f"{item.manifest_name}.{k}": v for k, v in file_identity(path).items()})
         recorded[f"{item.manifest_name}.path"] = path
     recorded.update({
         "torch": torch.__version__, "cuda": torch.version.cuda,
@@ -392,7 +392,7 @@ def run_sampling(config: DictConfig, family: ModelFamily, rank: int = 0, world: 
         def claim() -> tuple[dict, str, int]:  # rank 0, before any model is built
             lock = RunLock.acquire(out)  # held until this run's npz is written
             held.callback(lock.release)
-            manifest = run_manifest(config, family.checkpoints, want_png, device)
+            manifest = run_manifest(config, family, want_png, device)
             return (*io.prepare_output(out, manifest, bool(s.overwrite)), lock.started_ns)
 
         manifest, note, started_ns = on_rank_zero(claim)
@@ -418,14 +418,16 @@ def sample_batches(config: DictConfig, family: ModelFamily, plan: BatchPlan, ran
     want_png, want_tokens = not s.tokens_only, s.save_tokens or s.tokens_only
     guidance = Guidance.from_config(config.model.generator)
     paths = [OmegaConf.select(config, c.key) for c in family.checkpoints]  # generator first, then the decoder's
-    model = family.resolve("load_generator")(config, paths[0])
+    sources = [c.source for c in family.checkpoints]
+    model = family.resolve("load_generator")(config, paths[0], source=sources[0])
     if s.precision == "bf16":  # the same numbers as casting under autocast, without a cast per step
         store_linear_weights(model, torch.bfloat16)  # before the copy to the device: half the bytes
         if device.type == "cpu" and rank == 0 and not cpu_has_fast_bf16():
             print("warning: sample.precision=bf16 on a CPU without bf16 units (AVX512-BF16/AMX) is "
                   "emulated and slower than fp32; use --sample.precision=fp32", file=sys.stderr)
     model = model.to(device)
-    decode = family.resolve("image_decoder")(config, paths[1] if len(paths) > 1 else None, device) if want_png else None
+    decode = (family.resolve("image_decoder")(config, paths[1] if len(paths) > 1 else None, device,
+                                              source=sources[-1]) if want_png else None)
     if rank == 0:
         print(f"sampling {s.num_fid_samples} images into {out} on {world} process(es) ({note}); "
               f"guidance: {guidance}")
@@ -460,7 +462,7 @@ def sample_batches(config: DictConfig, family: ModelFamily, plan: BatchPlan, ran
         files = []
         if want_tokens:
             files.append(io.token_path(out, k))
-            io.save_npy(files[-1], tokens.cpu().numpy().astype(np.int32))
+            save_npy(files[-1], tokens.cpu().numpy().astype(np.int32))
         if want_png:
             images = images.cpu().numpy() if torch.is_tensor(images) else images
             for i, image in zip(plan[k], images):
