@@ -226,21 +226,23 @@ def resolve_inputs(config, args: argparse.Namespace) -> Inputs:
     smoke_dir = args.results / "smoke"
     made = {}
     ckpts = checkpoints(config, args, made)
-    if args.ref:
-        ref = Path(args.ref).resolve()
-    elif args.smoke:
-        ref = smoke_dir / "reference.npz"
-        made[ref] = smoke_reference
-    else:
-        ref = Path(args.weights).resolve() / "VIRTUAL_imagenet256_labeled.npz"
-    if args.inception_weights:
-        inception = Path(args.inception_weights).resolve()
-    elif args.smoke:
-        inception = smoke_dir / "inception_random.safetensors"
-        made[inception] = smoke_inception
-    else:
-        inception = search_inception(Path(args.weights))
+    ref = input_path(args.ref, args.smoke and (smoke_dir / "reference.npz", smoke_reference), made,
+                     lambda: Path(args.weights).resolve() / "VIRTUAL_imagenet256_labeled.npz")
+    inception = input_path(args.inception_weights,
+                           args.smoke and (smoke_dir / "inception_random.safetensors", smoke_inception), made,
+                           lambda: search_inception(Path(args.weights)))
     return Inputs(ckpts, ref, inception, made)
+
+
+def input_path(given: Optional[str], smoke, made: dict, default: Callable[[], Optional[Path]]) -> Optional[Path]:
+    """The path the user gave; else SMOKE's stand-in (path, maker), noted in `made`; else `default()`."""
+    if given:
+        return Path(given).resolve()
+    if smoke:
+        path, maker = smoke
+        made[path] = maker
+        return path
+    return default()
 
 
 def checkpoints(config, args: argparse.Namespace, made: dict) -> dict:

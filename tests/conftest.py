@@ -39,3 +39,14 @@ def tiny_alitok():
 def load_golden(name: str) -> dict:
     from safetensors.torch import load_file
     return load_file(FIXTURES / name)
+
+
+# Fixtures that run a whole job (the sampler or evaluator as a script, the table scripts, the
+# demo): every test that uses one is end to end, whether or not it is the first to pay for it.
+END_TO_END_FIXTURES = {"single_run", "script_run", "smoke_results", "quick_run"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if END_TO_END_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.e2e)

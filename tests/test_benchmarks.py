@@ -15,6 +15,7 @@ from conftest import FIXTURES, ROOT
 from softcfg_patch.run import registry
 
 
+@pytest.mark.e2e
 def test_gpu_check_tiny_runs_end_to_end_on_cpu(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--device", "cpu", "--tiny",

@@ -187,6 +187,7 @@ def test_json_path_that_is_a_folder_is_refused_before_any_work(files, capsys, fa
     assert stderr.count("\n") == 1 and stdout == "" and fake_network == []
 
 
+@pytest.mark.e2e
 def test_unwritable_json_folder_is_refused_before_any_image_is_read(files):
     ro = files["tmp"] / "ro"
     ro.mkdir()

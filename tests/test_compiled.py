@@ -59,6 +59,7 @@ def golden_cases():
     return [pytest.param(*c[:5], id=c[5]) for c in cases]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("model_name,labels,guidance,seed,expected", golden_cases())
 def test_fixed_shape_eager_and_compiled_steps_give_the_golden_tokens(request, model_name, labels,
                                                                      guidance, seed, expected):
@@ -76,6 +77,7 @@ def test_fixed_shape_eager_and_compiled_steps_give_the_golden_tokens(request, mo
                                    dict(softcfg_strength=0.5, step_norm=False, top_k=7, top_p=0.9,
                                         cfg_interval=100.0),
                                    dict(guidance_scale=0.0, top_p=0.8)])
+@pytest.mark.e2e
 def test_compiled_step_equals_eager_for_every_option(request, model_name, labels, extra):
     """Options with no golden run (paper-text variants, filters, cfg_interval, no CFG):
     the compiled fixed-shape step reproduces the eager sliced sampler's tokens."""
@@ -86,6 +88,7 @@ def test_compiled_step_equals_eager_for_every_option(request, model_name, labels
     assert torch.equal(eager, compiled)
 
 
+@pytest.mark.e2e
 def test_workspace_is_reused_and_reset(tiny_alitok):
     labels, g = SOFTCFG["labels"], released("b")
     first = sp.generate(tiny_alitok, labels, g, generator=torch.Generator().manual_seed(1), compile="aot_eager")
@@ -125,6 +128,7 @@ def test_fixed_shape_attention_equals_sliced(target):
     torch.testing.assert_close(fixed, expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.e2e
 def test_bf16_keeps_cache_bf16_and_multipliers_float32(tiny_alitok):
     labels, g = SOFTCFG["labels"], released("a")
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -137,6 +141,7 @@ def test_bf16_keeps_cache_bf16_and_multipliers_float32(tiny_alitok):
     assert tokens.shape == (2, 273) and 0 <= tokens.min() and tokens.max() < tiny_alitok.vocab_size
 
 
+@pytest.mark.e2e
 def test_inductor_compiles_once_and_matches_the_golden_tokens(tiny_alitok):
     """The one inductor test (~25 s on 2 cores): compiled once per model and shape, then reused."""
     from torch._dynamo.utils import counters

@@ -239,6 +239,7 @@ def test_missing_or_broken_weights_exit_2_in_one_line(cfg, tmp_path, capsys, mon
         assert message in stderr and "demo/weights/" in stderr, stderr
 
 
+@pytest.mark.e2e
 def test_quick_demo_is_deterministic(quick_run, tmp_path):
     _, first = quick_run
     second = run.main(["--quick", "--out", str(tmp_path), "--scales", "1.5", "5"])

@@ -75,6 +75,7 @@ def _main(capsys, *args) -> tuple[int, str, str]:
 
 # ----------------------------------------------------------------------------- end to end
 
+@pytest.mark.e2e
 def test_script_prints_adm_lines_and_writes_json(script_run, batches):
     proc, written = script_run
     lines = proc.stdout.strip().splitlines()
@@ -247,6 +248,7 @@ def _leftover(path: Path, pid: int, age_s: float = 3600) -> Path:
     return tmp
 
 
+@pytest.mark.e2e
 def test_damaged_cache_is_recomputed_and_rewritten(weights, batches, recorder, capsys, tmp_path):
     ref = tmp_path / "ref.npz"
     ref.write_bytes(batches[0].read_bytes())
@@ -266,6 +268,7 @@ def test_damaged_cache_is_recomputed_and_rewritten(weights, batches, recorder, c
     assert not list(tmp_path.glob(".*.tmp"))
 
 
+@pytest.mark.e2e
 def test_sampler_npz_write_removes_a_killed_runs_temporary(tmp_path):
     from softcfg_patch.files import atomic_write, save_npz
     npz = tmp_path / "run.npz"
@@ -370,6 +373,7 @@ def test_json_folder_on_a_read_only_file_system_is_refused(batches, recorder, ca
     assert recorder.activation_calls == []
 
 
+@pytest.mark.e2e
 def test_unwritable_json_target_is_refused_before_any_image_is_read(batches, weights, tmp_path):
     """As a user without the capabilities that ignore file permissions (CI runs as root): an
     unwritable folder, and an existing read-only file, are refused in one line before the

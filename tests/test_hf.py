@@ -186,6 +186,7 @@ def test_static_cache_rejects_sliding_layers_and_early_multipliers():
         hf.SoftCFGSampler(Guidance(softcfg_strength=1.0), 4, [0], [1], cache=None)
 
 
+@pytest.mark.e2e
 def test_static_compile_reads_live_multipliers_without_recompiling():
     # backend "aot_eager" exercises dynamo capture, guards and functionalisation of the
     # in-place cache writes in a few seconds; inductor takes ~90 s on 2 CPU cores (checked
@@ -496,6 +497,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.e2e
 def test_cli_missing_model_says_how_to_get_it(tmp_path):
     out = tmp_path / "x.png"
     result = run_cli("--model", str(tmp_path / "no-such-model"), "--prompt", "a fox",
@@ -505,6 +507,7 @@ def test_cli_missing_model_says_how_to_get_it(tmp_path):
     assert "--model" in result.stderr and not out.exists()
 
 
+@pytest.mark.e2e
 def test_cli_end_to_end_on_tiny_janus(tmp_path):
     from PIL import Image
 
@@ -551,6 +554,7 @@ def test_on_step_hook_has_the_sampler_signature():
     assert seen == [(t, True) for t in range(4)] and tokens.shape == (2, 4)
 
 
+@pytest.mark.e2e
 def test_janus_glue_imports_first_or_through_hf():
     code = ("import softcfg_patch.hf.janus as j, softcfg_patch.hf as h; "
             "assert h.janus_generate_images is j.janus_generate_images and h.janus_softcfg is j.janus_softcfg")

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
@@ -17,6 +18,7 @@ from softcfg_patch.run import runner
 from conftest import ROOT
 
 
+@pytest.mark.e2e
 def test_two_nodes_on_localhost_match_one_process(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

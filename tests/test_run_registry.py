@@ -198,6 +198,7 @@ def test_llamagen_bad_inputs_get_one_line_errors(arg, message, tmp_path, capsys,
     assert code == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1, err
 
 
+@pytest.mark.e2e
 def test_table_llamagen_smoke(tmp_path):
     """The one SMOKE run of scripts/table_llamagen.sh (tiny GPT, random VQ and Inception)."""
     from test_scripts import check_row, rows_of, smoke

@@ -63,6 +63,7 @@ def wait_for(path, proc, timeout=120):
 
 
 # ------------------------------------------------------------------------------- the lock
+@pytest.mark.e2e
 def test_a_second_lock_is_refused_naming_the_holder_and_a_crash_releases_it(tmp_path):
     held = RunLock.acquire(tmp_path / "run")
     with pytest.raises(ConfigError, match=rf"is in use by another run \(pid {os.getpid()} on host .+, started "
@@ -77,6 +78,7 @@ def test_a_second_lock_is_refused_naming_the_holder_and_a_crash_releases_it(tmp_
     RunLock.acquire(tmp_path / "run").release()  # no stale lock: the kernel dropped it with the process
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("first_seed,second_seed", [(0, 5), (5, 0)])
 def test_two_samplers_in_one_folder_never_mix(tmp_path, tiny_alitok, first_seed, second_seed):
     """The race of the issue, both orders: the first run holds the folder (stopped right after it
@@ -103,6 +105,7 @@ def test_two_samplers_in_one_folder_never_mix(tmp_path, tiny_alitok, first_seed,
 
 
 # ------------------------------------------------------------------- overwrite removes ours only
+@pytest.mark.e2e
 def test_overwrite_removes_exactly_the_files_of_a_run(single_run, tmp_path, capsys):
     out = copy_run(single_run, tmp_path / "run")
     (out / "notes.txt").write_text("mine")
@@ -225,6 +228,7 @@ def test_out_of_memory_is_one_line_and_the_finished_batches_resume(single_run, t
     assert np.array_equal(read_outputs(out)[1], read_outputs(single_run)[1])
 
 
+@pytest.mark.e2e
 def test_a_real_allocator_failure_is_one_line(tmp_path):
     """Under an address-space limit, a batch far too large fails in the real allocator."""
     import resource
@@ -261,6 +265,7 @@ def test_wandb_without_the_package_is_refused_before_anything_is_written(tmp_pat
 
 
 # --------------------------------------------------------------------------- interrupts
+@pytest.mark.e2e
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_an_interrupt_says_how_far_the_run_got_and_a_rerun_resumes(tmp_path, sig, code):
     out = tmp_path / "stop"
@@ -283,6 +288,7 @@ def test_an_interrupt_says_how_far_the_run_got_and_a_rerun_resumes(tmp_path, sig
         assert read_outputs(out)[0].shape[0] == 40
 
 
+@pytest.mark.e2e
 def test_an_interrupt_under_torchrun_prints_one_line(tmp_path):
     out = tmp_path / "ddp"
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
@@ -309,6 +315,7 @@ runpy.run_path({script!r}, run_name="__main__")
 
 @pytest.mark.parametrize("bad,who", [("--experiment.generator_checkpoint=weights/none.bin", ""),
                                      ("--only-rank-1=experiment.generator_checkpoint=weights/none.bin", "rank 1: ")])
+@pytest.mark.e2e
 def test_the_reason_is_printed_once_even_when_rank_zero_is_slow(tmp_path, bad, who):
     wrapper = tmp_path / "slow_rank_zero.py"
     wrapper.write_text(SLOW_RANK_ZERO.format(script=str(SCRIPT)))

@@ -83,6 +83,7 @@ def test_both_cli_styles_give_the_same_config():
     assert plain.model.generator.guidance_scale == 9 and plain.model.generator.step_norm is False
 
 
+@pytest.mark.e2e
 def test_relative_config_resolves_from_repo_root_and_help_lists_defaults():
     proc = run_cli("--config", "configs/alitok_xl.yaml", "--help", cwd=ROOT / "alitok")
     assert "--model.generator.guidance_scale=13.0" in proc.stdout
@@ -104,6 +105,7 @@ def test_bad_options_are_rejected_with_a_reason(arg, match):
         parse("--config", TINY, arg)
 
 
+@pytest.mark.e2e
 def test_bad_input_exits_2_with_a_message_and_missing_checkpoint_names_the_source(tmp_path):
     proc = run_cli("--config", "configs/nope.yaml", check=False)
     assert proc.returncode == 2 and "config file not found" in proc.stderr
@@ -121,6 +123,7 @@ def single_run(tmp_path_factory):
     return out
 
 
+@pytest.mark.e2e
 def test_outputs_are_pngs_npz_and_tokens_from_the_documented_seeds(single_run, tiny_alitok):
     images, tokens, labels = read_outputs(single_run)
     assert images.shape == (5, 256, 256, 3) and images.dtype == np.uint8
@@ -150,6 +153,7 @@ def test_outputs_are_pngs_npz_and_tokens_from_the_documented_seeds(single_run, t
         assert json.loads(str(npz["manifest"])) == manifest
 
 
+@pytest.mark.e2e
 def test_two_processes_give_the_same_samples_as_one(single_run, tmp_path):
     out = tmp_path / "ddp"
     run_cli("--config", TINY, f"--experiment.output_dir={out}", "--sample.num_fid_samples=5",
@@ -157,6 +161,7 @@ def test_two_processes_give_the_same_samples_as_one(single_run, tmp_path):
     assert_same_samples(single_run, out)
 
 
+@pytest.mark.e2e
 def test_resume_fills_in_deleted_pngs_and_keeps_the_rest(single_run, tmp_path):
     import shutil
     out = tmp_path / "resume"
@@ -171,6 +176,7 @@ def test_resume_fills_in_deleted_pngs_and_keeps_the_rest(single_run, tmp_path):
     assert_same_samples(single_run, out)
 
 
+@pytest.mark.e2e
 def test_resume_after_a_killed_run(single_run, tmp_path):
     out = tmp_path / "killed"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -189,6 +195,7 @@ def test_resume_after_a_killed_run(single_run, tmp_path):
     assert_same_samples(single_run, out)
 
 
+@pytest.mark.e2e
 def test_tokens_only_mode_writes_no_images(tmp_path):
     out = tmp_path / "tok"
     run_cli("--config", TINY, f"--experiment.output_dir={out}", "--sample.num_fid_samples=2",
@@ -209,6 +216,7 @@ def test_npz_streaming_writer_is_readable_by_numpy(tmp_path):
     assert not list(tmp_path.glob(".*tmp"))
 
 
+@pytest.mark.e2e
 def test_rar_sampler_end_to_end_under_torchrun(tmp_path):
     """rar/sample_imagenet.py: same CLI and machinery; 2 processes, tiny RAR + tiny VQGAN."""
     from omegaconf import OmegaConf

@@ -199,6 +199,7 @@ def test_plot_sweep_draws_both_methods(tmp_path):
     assert sorted(plot_sweep.line_label(g) for g in groups)[0] == "alitok_xl CFG, k=1.4 [SMOKE]"
 
 
+@pytest.mark.e2e
 def test_table_scripts_import_without_torch():
     # collect_results only reads rows and the registry; importing it (and run_setting, which
     # hands the heavy work to subprocesses) must not pay for torch. Lazy package exports.
@@ -218,6 +219,7 @@ def test_table_scripts_import_without_torch():
         sp.nope
 
 
+@pytest.mark.e2e
 def test_bad_input_gives_usage_and_listed_downloads(tmp_path):
     for script, arg in (("table1_alitok.sh", "m"), ("table_rar.sh", ""), ("table_ablation.sh", "xl")):
         res = run(["bash", SCRIPTS / script, arg] if arg else ["bash", SCRIPTS / script])
@@ -239,6 +241,7 @@ def test_bad_input_gives_usage_and_listed_downloads(tmp_path):
     assert res.returncode == 2 and "must be >= 4" in res.stderr
 
 
+@pytest.mark.e2e
 def test_wandb_without_the_package_is_refused_up_front(tmp_path):
     try:
         import wandb  # noqa: F401
@@ -338,6 +341,7 @@ json.dump({"fid": 1.0, "inception_score": 2.0, "sfid": 3.0, "precision": 0.5, "r
 '''
 
 
+@pytest.mark.e2e
 def test_inception_weights_in_weights_folder_reach_the_evaluator(clean_env):
     weights = clean_env / "weights"
     for name in ("alitok_xl.bin", "AliTok.pth", INCEPTION_FILE):
@@ -361,6 +365,7 @@ def test_inception_weights_in_weights_folder_reach_the_evaluator(clean_env):
     assert row["inception_weights"]["path"] == found
 
 
+@pytest.mark.e2e
 def test_common_sh_checks_each_model_once_before_its_first_setting(tmp_path):
     stub = tmp_path / "python"  # logs what common.sh runs; fails the preflight when FAIL_CHECK is set
     stub.write_text('#!/usr/bin/env bash\necho "${*:2}" >> "$LOG"\n'
@@ -427,6 +432,7 @@ def check_row(row: dict) -> None:
     assert row["wall_time_s"]["sampling"] > 0 and row["wall_time_s"]["evaluation"] > 0
 
 
+@pytest.mark.e2e
 def test_table1_smoke_with_two_seeds(smoke_results):
     smoke("table1_alitok.sh", smoke_results, "xl", SEEDS="0 1")
     folder = smoke_results / "table1_alitok"
@@ -460,6 +466,7 @@ def test_table1_smoke_with_two_seeds(smoke_results):
     assert "ΔFID vs CFG" in md and "Paired settings: 1" in md
 
 
+@pytest.mark.e2e
 def test_rerun_skips_finished_work(smoke_results):
     folder = smoke_results / "table1_alitok"
     smoke("table1_alitok.sh", smoke_results, "xl", SEEDS="0 1")  # already done when run in file order
@@ -479,6 +486,7 @@ def test_rerun_skips_finished_work(smoke_results):
     assert not [p for p in (folder / "rows").iterdir() if p.name.startswith(".")]  # no temporaries left
 
 
+@pytest.mark.e2e
 def test_ablation_smoke_runs_every_setting(smoke_results):
     before = evaluated_runs(smoke_results)
     res = smoke("table_ablation.sh", smoke_results)
@@ -501,6 +509,7 @@ def test_ablation_smoke_runs_every_setting(smoke_results):
     assert md.index("No guidance") < md.index("| CFG") < md.index("w/o StepNorm") < md.index("align=token")
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(not (ROOT / "tests/configs/rar_tiny.yaml").is_file(), reason="tests/configs/rar_tiny.yaml missing")
 def test_table_rar_smoke(smoke_results):
     smoke("table_rar.sh", smoke_results, "l")
@@ -517,6 +526,7 @@ def test_table_rar_smoke(smoke_results):
     assert "| rar_l (SMOKE) | SoftCFG |" in (smoke_results / "table_rar" / "results.md").read_text()
 
 
+@pytest.mark.e2e
 def test_sweep_smoke_grid_table_and_plot(smoke_results):
     from PIL import Image
     before = evaluated_runs(smoke_results)
@@ -532,6 +542,7 @@ def test_sweep_smoke_grid_table_and_plot(smoke_results):
     assert "NOT real FID" in (smoke_results / "sweep_alitok_xl" / "results.md").read_text()
 
 
+@pytest.mark.e2e
 def test_search_guidance_smoke_grid_confirmation_and_noise_floor(smoke_results):
     # Run after the sweep: its four (scale, strength) points at k = 1.4 are this grid, reused.
     before = evaluated_runs(smoke_results)
