@@ -36,9 +36,10 @@ import softcfg_patch as sp
 from alitok.model import ARModel
 from softcfg_patch.checkpoint import load_model
 from softcfg_patch.errors import ConfigError, exit_on_error
+from softcfg_patch.run.config import CONFIG_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG_PATH = ROOT / "configs" / "digits.yaml"
+CONFIG_PATH = CONFIG_DIR / "digits.yaml"  # configs/digits.yaml, also in a wheel
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 GENERATOR_FILE = "digits_ar.safetensors"
 CLASSIFIER_FILE = "digits_classifier.safetensors"

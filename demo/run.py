@@ -396,5 +396,10 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
-if __name__ == "__main__":
+def command() -> None:
+    """The `softcfg-demo` console script (the same as `python -m demo`)."""
     main()
+
+
+if __name__ == "__main__":
+    command()

@@ -219,5 +219,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def command() -> None:
+    """The `softcfg-compare` console script."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    command()

@@ -7,6 +7,7 @@
 #   INCEPTION   FID Inception weights (default: pt_inception-2015-12-05-6726825d.pth in WEIGHTS, else the
 #               evaluator's search); every input is checked before a model's first setting
 #   BOOTSTRAP   bootstrap resamples: each row's std and 95% interval (default 100), paired deltas (200)
+#   DOWNLOAD=1  fetch and verify every official file of a model first (softcfg-download)
 #   IN_PROCESS  sampler and evaluator inside run_setting.py's process (default: SMOKE on one process)
 #   BATCH, DEVICE, WANDB=1, DELETE_SAMPLES=1, PYTHON  see scripts/run_setting.py --help
 set -euo pipefail
@@ -30,6 +31,12 @@ setting() {
   shift 3
   ORDER=$((ORDER + 1))  # rows keep the order in which the script lists its settings
   if [[ "$CHECKED" != *" $model "* ]]; then
+    if [[ "${DOWNLOAD:-0}" == 1 && "${SMOKE:-0}" != 1 ]]; then  # every official file of the model, verified
+      local wanted=("$model")
+      [[ -n "${REF:-}" ]] || wanted+=(reference)
+      [[ -n "${INCEPTION:-}" ]] || wanted+=(inception)
+      "$PYTHON" -m softcfg_patch.download "${wanted[@]}" --dir "${WEIGHTS:-weights}"
+    fi
     "$PYTHON" "$REPO/scripts/run_setting.py" --check-only --table "$table" --model "$model" --method "$method" "$@"
     CHECKED+="$model "
   fi

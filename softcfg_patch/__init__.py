@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING
 
 from .lazy import lazy_exports
 
+__version__ = "0.1.0"  # the one place of the version (pyproject.toml reads it)
+
 _SOURCES = {  # exported name -> submodule that defines it
     "Guidance": "guidance", "guidance_schedule": "guidance", "runs_cfg": "guidance", "runs_softcfg": "guidance",
     "method": "guidance",
@@ -33,7 +35,7 @@ _SOURCES = {  # exported name -> submodule that defines it
 _SUBMODULES = ("step", "guidance", "cache", "rule", "sampler", "precision", "files", "layers")
 
 __all__ = [
-    "Guidance", "guidance_schedule", "runs_cfg", "runs_softcfg", "method", "StaticKVCache", "MultiplierTable",
+    "__version__", "Guidance", "guidance_schedule", "runs_cfg", "runs_softcfg", "method", "StaticKVCache", "MultiplierTable",
     "GuidedModel", "generate", "decode_step", "step", "guided_logits", "decode_loop", "multipliers",
     "aligned_multipliers", "token_confidence",
 ]

@@ -118,6 +118,7 @@ def test_checkpoints_are_identified_by_content_not_path(tmp_path):
     assert {"sample.seed", "sample.per_proc_batch_size", "sample.num_fid_samples", "sample.precision",
             "generator.sha256", "generator.size", "tokenizer.sha256", "tokenizer.size", "softcfg.version"} <= keys
     assert base["format"] == 1 and {"torch", "cuda", "gpu", "created", "generator.path"} <= set(base["recorded"])
+    assert base["recorded"]["generator.pinned"] == "unknown file"  # the tiny golden model is no published file
 
 
 def test_folder_with_samples_but_no_manifest_is_refused(tmp_path):
@@ -140,6 +141,7 @@ def test_npz_step_refuses_a_manifest_changed_by_another_run(tmp_path):
 
 
 # ----------------------------------------------------------------- resume decisions
+@pytest.mark.e2e
 def test_other_settings_are_refused_and_overwrite_replaces_them(single_run, tmp_path, capsys):
     out = copy_run(single_run, tmp_path / "run")
     before = snapshot(out)
@@ -281,6 +283,7 @@ def unprivileged(cmd):
     return ["setpriv", "--inh-caps=-all", "--bounding-set=-dac_override,-dac_read_search", "--", *cmd]
 
 
+@pytest.mark.e2e
 def test_read_only_npz_folder_is_refused_before_sampling(tmp_path):
     ro = tmp_path / "ro"
     (ro / "out").mkdir(parents=True)
@@ -303,6 +306,7 @@ def test_read_only_npz_folder_is_refused_before_sampling(tmp_path):
     assert list((ro / "out").iterdir()) == []
 
 
+@pytest.mark.e2e
 def test_torchrun_prints_the_reason_once(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
@@ -325,3 +329,14 @@ def test_table_runs_that_share_samples_give_the_sampler_the_same_settings():
     assert run_setting.sampler_guidance(a, "alitok_xl") == run_setting.sampler_guidance(b, "alitok_xl") == cfg
     soft = {**cfg, "softcfg_strength": 1.0, "step_norm": False}
     assert run_setting.sampler_guidance(soft, "alitok_xl") == soft  # every key matters for SoftCFG
+
+
+def test_the_manifest_says_whether_a_checkpoint_is_the_published_file(capsys):
+    from softcfg_patch.run import registry
+    from softcfg_patch.run.runner import pinned_status
+    published = registry.published("rar_b.bin").sha256
+    assert pinned_status("weights/rar_b.bin", published) == "match" and not capsys.readouterr().err
+    assert pinned_status("/elsewhere/rar_b.bin", "0" * 64) == "mismatch"
+    assert "is not the published rar_b.bin" in capsys.readouterr().err
+    assert pinned_status("weights/alitok_xl.bin", "0" * 64) == "unpinned"  # AliTok publishes no hashes
+    assert pinned_status("weights/my_model.bin", "0" * 64) == "unknown file"

@@ -215,3 +215,20 @@ def test_table_llamagen_smoke(tmp_path):
     assert (soft["guidance_scale"], soft["softcfg_strength"], soft["step_norm"]) == (2.0, 1.0, True)
     md = (results / "table_llamagen" / "results.md").read_text()
     assert "| llamagen_b_256 (SMOKE) | SoftCFG |" in md and "llamagen_b_256 5.46." in md
+
+
+def test_a_missing_official_checkpoint_names_the_exact_download_command(tmp_path):
+    from softcfg_patch.errors import ConfigError
+    from softcfg_patch.run import runner
+    from softcfg_patch.run.config import parse_cli
+    config = parse_cli(["--config", "configs/alitok_xl.yaml", f"--experiment.output_dir={tmp_path / 'o'}",
+                        f"--experiment.generator_checkpoint={tmp_path}/alitok_xl.bin",
+                        f"--experiment.tokenizer_checkpoint={tmp_path}/AliTok.pth"], "alitok")
+    with pytest.raises(ConfigError) as err:
+        runner.check_inputs(config, registry.get("alitok").checkpoints, want_decoder=True)
+    # the generator by its config (which also fetches the tokenizer); the shared tokenizer by name
+    assert f"`softcfg-download alitok_xl --dir {tmp_path}`" in str(err.value)
+    assert f"`softcfg-download AliTok.pth --dir {tmp_path}`" in str(err.value)
+    config.experiment.generator_checkpoint = str(tmp_path / "my_own.bin")
+    with pytest.raises(ConfigError, match="get it from the AliTok release"):
+        runner.check_inputs(config, registry.get("alitok").checkpoints[:1], want_decoder=False)

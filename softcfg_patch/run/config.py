@@ -26,6 +26,10 @@ from . import registry
 from .registry import ModelFamily
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+# The configs shipped with the package: in a checkout a link to the repository's configs/,
+# in a wheel the files themselves. `--config alitok_xl` and `configs/alitok_xl.yaml` find them
+# from any folder.
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 PRECISIONS = ("fp32", "tf32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 LABELS = ("balanced", "random")
@@ -173,12 +177,46 @@ def find_file(path: str) -> tuple[Optional[Path], list[Path]]:
 
 
 def resolve_config_path(path: str) -> Path:
-    """A relative path is tried from the current folder, then from the repository root."""
+    """A relative path is tried from the current folder, then from the repository root;
+    `configs/<name>.yaml` and a bare name such as `alitok_xl` also find the packaged config."""
     found, candidates = find_file(path)
+    packaged = packaged_config(path)
+    if found is None and packaged is not None:
+        candidates.append(packaged)
+        found = packaged.resolve() if packaged.is_file() else None
     if found is not None:
         return found
     raise ConfigError(f"config file not found: {path} (looked in {', '.join(map(str, candidates))}). "
-                      f"Pass a path like configs/alitok_xl.yaml")
+                      f"Pass a path like configs/alitok_xl.yaml, or a name such as alitok_xl")
+
+
+def packaged_config(path: str) -> Optional[Path]:
+    """Where `configs/<name>.yaml`, `<name>.yaml` or `<name>` would sit among the packaged configs."""
+    relative = Path(path)
+    if relative.is_absolute():
+        return None
+    parts = relative.parts[1:] if relative.parts[:1] == ("configs",) else relative.parts
+    if len(parts) != 1:
+        return None
+    name = parts[0] if parts[0].endswith((".yaml", ".yml")) else f"{parts[0]}.yaml"
+    return CONFIG_DIR / name
+
+
+def family_of_config(path: str) -> ModelFamily:
+    """The model family a config file belongs to: its file name when that is a registered
+    config name (alitok_xl.yaml), else the one family whose architecture keys it fits."""
+    resolved = resolve_config_path(path)
+    try:
+        return registry.get(resolved.stem)
+    except KeyError:
+        pass
+    keys = set(OmegaConf.select(load_yaml(path), "model.generator") or {})
+    fitting = [family for family in registry.MODELS.values() if _fits(keys, family)]
+    if len(fitting) != 1:
+        raise ConfigError(f"cannot tell the model family of {path}: its model.generator keys fit "
+                          f"{' and '.join(f.title for f in fitting) or 'no registered family'}; run the family's "
+                          f"own sampler, e.g. {next(iter(registry.MODELS.values())).script}")
+    return fitting[0]
 
 
 def load_yaml(path: str) -> DictConfig:
@@ -364,10 +402,12 @@ def validate(config: DictConfig) -> None:
 
 def help_text(config: DictConfig, cls: type, prog: str, config_path: Optional[str]) -> str:
     helps = option_help(cls)
-    lines = [f"usage: torchrun --nproc_per_node=G {prog} --config configs/<model>.yaml [--key=value ...]",
+    launcher = "torchrun --nproc_per_node=G" + ("" if prog.endswith(".py") else " --no-python")  # a command, not a script
+    lines = [f"usage: {launcher} {prog} --config configs/<model>.yaml [--key=value ...]",
              "       (the OmegaConf style `config=... key=value` works too)", "",
              "--config is required: the model's yaml (configs/<family>_<size>.yaml); a relative",
-             "path is looked up in the current folder, then in the repository root.", "",
+             "path is looked up in the current folder, then in the repository root; a name such",
+             "as alitok_xl finds the packaged config.", "",
              f"options and their defaults{f' (with {config_path})' if config_path else ''}:"]
     options = []
     for key, value in flat_keys(config).items():

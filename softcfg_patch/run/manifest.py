@@ -15,8 +15,6 @@ here is a pure function of its arguments (plus file reads), so it can be tested 
 from __future__ import annotations
 
 import json
-import re
-from pathlib import Path
 from typing import Optional
 
 FORMAT = 1
@@ -27,19 +25,11 @@ DECODER_PREFIX = "tokenizer."
 WARN_ON_CHANGE = ("torch", "cuda", "gpu", "device", "compile")
 
 
-def project_version(repo_root: Path) -> str:
-    """The version in pyproject.toml of the code that runs (the installed metadata may be another tree's)."""
-    try:
-        match = re.search(r'^version\s*=\s*"([^"]+)"', (repo_root / "pyproject.toml").read_text(), re.M)
-        if match:
-            return match.group(1)
-    except OSError:
-        pass
-    from importlib.metadata import PackageNotFoundError, version
-    try:
-        return version("softcfg")
-    except PackageNotFoundError:
-        return "unknown"
+def project_version() -> str:
+    """The version of the code that runs (softcfg_patch.__version__, not the installed metadata,
+    which may describe another tree)."""
+    from .. import __version__
+    return __version__
 
 
 def make_manifest(images: dict, recorded: dict) -> dict:

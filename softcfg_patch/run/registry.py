@@ -42,6 +42,34 @@ class Checkpoint:
 
 
 @dataclass(frozen=True)
+class Remote:
+    """One official file as published: where, and what it must hash to (softcfg-download).
+
+    host "hf": `location` is a Hugging Face repo id (hf_hub_download; HF_ENDPOINT, HF_TOKEN);
+    "gdrive": a Google Drive file id (gdown); "url": a direct HTTPS URL.
+    `sha256` is pinned from the publisher's page; "" means trust on first use (the hash of
+    the first download is recorded in <dir>/SHA256SUMS and enforced afterwards).
+    """
+    name: str                   # the file name in --dir (what the configs point at)
+    host: str                   # "hf", "gdrive" or "url"
+    location: str               # repo id, Drive file id or URL
+    sha256: str = ""            # pinned full SHA-256, or "" (unpinned)
+    size: int = 0               # bytes, 0 if not published
+    sha256_prefix: str = ""     # torch.hub's convention: the hash must start with this
+    expected_sha256: str = ""   # a community mirror's hash: a mismatch warns, never refuses
+    revision: str = "main"      # Hugging Face revision
+
+    @property
+    def page(self) -> str:
+        """Where a person downloads it by hand (printed when the automatic way fails)."""
+        if self.host == "hf":
+            return f"https://huggingface.co/{self.location}/blob/{self.revision}/{self.name}"
+        if self.host == "gdrive":
+            return f"https://drive.google.com/file/d/{self.location}"
+        return self.location
+
+
+@dataclass(frozen=True)
 class ModelFamily:
     name: str                   # "alitok": configs/alitok_<size>.yaml, alitok/sample_imagenet.py
     title: str                  # "AliTok", in messages
@@ -67,6 +95,8 @@ class ModelFamily:
     # Which guidance_scale means unguided (softcfg_patch.guidance.runs_cfg): the same as the
     # generator class's `unguided_at` (tested), readable without importing the model.
     unguided_at: str = "0"
+    # Every official file of the family, for softcfg-download (configs name them by file name).
+    downloads: tuple = ()
 
     def resolve(self, what: str) -> Callable:
         """The object named by `generator_class` / `load_generator` / `image_decoder` ("module:attribute")."""
@@ -146,6 +176,11 @@ register(ModelFamily(
                    "the tokenizer weight AliTok.pth, Google Drive "
                    "https://drive.google.com/file/d/1Rir4QEJ_HTvZkhcnw9MTfWlSFemcGVIW)",
                    decoder_only=True, manifest_name="tokenizer")),
+    # AliTok publishes only on Google Drive (file ids from the ali-vilab/alitok README); no hashes: unpinned
+    downloads=(Remote("alitok_b.bin", "gdrive", "1PNVX9wqePxRjuOKpt4iw6CpIYLlyJWlX"),
+               Remote("alitok_l.bin", "gdrive", "1tmwAa724pNY4FgUsLne2VJVGoK_TBuMa"),
+               Remote("alitok_xl.bin", "gdrive", "1Vu0UsQfqzZ8HMKFqE2tIGdAcJ6zPXvFd"),
+               Remote("AliTok.pth", "gdrive", "1Rir4QEJ_HTvZkhcnw9MTfWlSFemcGVIW")),
     batch_size=125, smoke_config="tests/configs/alitok_tiny.yaml", example_config="configs/alitok_xl.yaml",
     sweep_grid=("7 9 11 13", "1.4 1.5"),  # around the known optima (9/1.5, 13/1.4)
 ))
@@ -166,11 +201,23 @@ register(ModelFamily(
                    "(https://huggingface.co/fun-research/TiTok/blob/main/maskgit-vqgan-imagenet-f16-256.bin; "
                    "the bytedance/1d-tokenizer README_RAR.md fetches it with hf_hub_download)",
                    decoder_only=True, manifest_name="tokenizer")),
+    downloads=(  # SHA-256 and sizes from the Hugging Face file pages
+        Remote("rar_b.bin", "hf", "yucornetto/RAR",
+               "cbbf4b27dc36afae77fdb2fe0d6b9b5b7446eae45f1a9f91d442ab0b315b9ebf", 1043822726),
+        Remote("rar_l.bin", "hf", "yucornetto/RAR",
+               "edad8e9905e20a5df14eeee0d5d04c1be48b16a7751b4b3f4954a6dec8ad87d5", 1846801542),
+        Remote("rar_xl.bin", "hf", "yucornetto/RAR",
+               "7b4cec5c76f18dc7a3ea055a6b0cc4c5748c533768eed71564a88d897c762bc8", 3821901843),
+        Remote("rar_xxl.bin", "hf", "yucornetto/RAR",
+               "85aba44fef7aecfd879829077e541f09da4c29da3b1fd374837601d7322bf6ff", 5994340236),
+        Remote("maskgit-vqgan-imagenet-f16-256.bin", "hf", "fun-research/TiTok",
+               "424e7f2b11d1d63691ae3fbab74cf6c417ecbe0d8f86187b71f3538c7b56f6d2", 218124077)),
     batch_size=50, smoke_config="tests/configs/rar_tiny.yaml", example_config="configs/rar_xl.yaml",
     sweep_grid=("4.5 6.5 8.5", "1.01 1.5"),  # around RAR-L SoftCFG's 6.5/1.01
 ))
 
-LLAMAGEN_HF = "the LlamaGen Hugging Face repo https://huggingface.co/FoundationVision/LlamaGen"
+LLAMAGEN_REPO = "FoundationVision/LlamaGen"
+LLAMAGEN_HF = f"the LlamaGen Hugging Face repo https://huggingface.co/{LLAMAGEN_REPO}"
 register(ModelFamily(
     name="llamagen", title="LlamaGen", sizes=("b_256", "b", "l_256", "l", "xl", "xxl", "3b"),
     generator_class="llamagen.model:GPT", load_generator="llamagen.model:load_gpt", image_decoder="llamagen.vq:image_decoder",
@@ -194,6 +241,22 @@ register(ModelFamily(
                    f"c2i_XXL_384.pt, c2i_3B_384.pt)"),
         Checkpoint("experiment.tokenizer_checkpoint", "LlamaGen VQ-16 checkpoint",
                    f"{LLAMAGEN_HF} (file vq_ds16_c2i.pt)", decoder_only=True, manifest_name="tokenizer")),
+    downloads=(  # SHA-256 and sizes from the Hugging Face file pages (c2i_B_256.pt: not published)
+        Remote("c2i_B_256.pt", "hf", LLAMAGEN_REPO),
+        Remote("c2i_B_384.pt", "hf", LLAMAGEN_REPO,
+               "7ddf3a659b180e4339e4dab8802183ede1ea8f44c5cfd4359ab27bef979c17ad", 443736709),
+        Remote("c2i_L_256.pt", "hf", LLAMAGEN_REPO,
+               "15fe788b9c0e8dfe36f3e3fd701b44d0c934e4fd94a0ab599b69669aa8f44a55", 1371712314),
+        Remote("c2i_L_384.pt", "hf", LLAMAGEN_REPO,
+               "9b8cb63634d11e684b4a68017abffff6698752ef715058a77e5e089539ebc39a", 1371860346),
+        Remote("c2i_XL_384.pt", "hf", LLAMAGEN_REPO,
+               "736cb92bebdcb16737dbd35210a07ae4f7fd001cdfd55b26205d89182d1807ba", 3099048319),
+        Remote("c2i_XXL_384.pt", "hf", LLAMAGEN_REPO,
+               "cba5a780b9d2394386e7410c630bced3a70e109cf7107e1783c9a986e9e7754e"),
+        Remote("c2i_3B_384.pt", "hf", LLAMAGEN_REPO,
+               "1e9173ecbe81295b1d80b021b2bf57ed4ef089601b6745336ff20a9f382c4cac", 12386725354),
+        Remote("vq_ds16_c2i.pt", "hf", LLAMAGEN_REPO,
+               "109aa8afb2cf3761eec23cdc8644154cb498f5ab7eef2a35264d25e5e0499f7d", 287920306)),
     batch_size=32, smoke_config="tests/configs/llamagen_tiny.yaml", example_config="configs/llamagen_xl.yaml",
     sweep_grid=("1.5 1.75 2.0 2.5", "0"),  # constant scales around upstream's 1.65-2.0
     sample={"image_size_eval": Option(int, 256, "side of the saved images: decoded at the model's resolution, "
@@ -204,3 +267,28 @@ register(ModelFamily(
                    "llamagen_3b": 2.18},
 ))
 
+
+# Files every evaluation needs, named on the softcfg-download command line.
+EVALUATION_DOWNLOADS = {
+    "reference": Remote(  # not pinned by OpenAI; a community mirror's hash: warn on a mismatch
+        "VIRTUAL_imagenet256_labeled.npz", "url",
+        "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet/256/"
+        "VIRTUAL_imagenet256_labeled.npz",
+        size=2037122530, expected_sha256="b32732719497e42660a9affb4a966068cba0855ac449b82015e34ec376d20758"),
+    "reference512": Remote(
+        "VIRTUAL_imagenet512.npz", "url",
+        "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet/512/"
+        "VIRTUAL_imagenet512.npz"),
+    "inception": Remote(  # torch.hub's convention: the file name carries the hash's first 8 digits
+        "pt_inception-2015-12-05-6726825d.pth", "url",
+        "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth",
+        sha256_prefix="6726825d"),
+}
+
+
+def published(name: str) -> Optional[Remote]:
+    """The official file called `name` (a file name in --dir), if the registry knows it."""
+    for remote in [r for f in MODELS.values() for r in f.downloads] + list(EVALUATION_DOWNLOADS.values()):
+        if remote.name == name:
+            return remote
+    return None

@@ -52,9 +52,9 @@ from ..precision import cpu_has_fast_bf16, store_linear_weights, tf32
 from ..sampler import generate
 from . import manifest as mf
 from . import output as io
-from .config import REPO_ROOT, Sample, find_file, parse_cli
+from .config import Sample, _split_args, family_of_config, find_file, parse_cli
 from .lock import RunLock
-from .registry import Checkpoint, ModelFamily, get
+from .registry import Checkpoint, ModelFamily, get, model_names, published
 
 T = TypeVar("T")
 
@@ -73,14 +73,21 @@ def check_inputs(config: DictConfig, inputs: Sequence[Checkpoint], want_decoder:
             continue
         found, tried = find_file(str(raw))  # like --config: the current folder, then the repo root
         if found is None:
-            problems.append(f"{item.what} '{raw}' not found (tried {', '.join(map(str, tried))}; get it from "
-                            f"{item.source} and pass --{item.key}=PATH)")
+            problems.append(f"{item.what} '{raw}' not found (tried {', '.join(map(str, tried))}; "
+                            f"{download_hint(str(raw), item.source)} and pass --{item.key}=PATH)")
         elif looks_like_html(found):
             problems.append(html_message(found, item.what, item.source))
         else:
             OmegaConf.update(config, item.key, str(found), merge=False)
     if problems:
         raise ConfigError(f"{len(problems)} input file problem(s), nothing was started: " + "; ".join(problems))
+
+
+def download_hint(path: str, source: str) -> str:
+    """How to get a missing file: the exact softcfg-download command for a published one."""
+    from ..download import command_for
+    command = command_for(path)
+    return f"download it with `{command}` (from {source})" if command else f"get it from {source}"
 
 
 def check_output_folders(out: Path) -> None:
@@ -304,14 +311,16 @@ def run_manifest(config: DictConfig, family: ModelFamily, want_decoder: bool, de
                                                   "labels")})
     # a family's own sample options (ModelFamily.sample, e.g. LlamaGen's image_size_eval) shape its images
     images.update({f"sample.{k}": s[k] for k in s if k not in SAMPLE_FIELDS})
-    images["softcfg.version"] = mf.project_version(REPO_ROOT)
+    images["softcfg.version"] = mf.project_version()
     recorded = {"method": method(guidance, family)}  # what runs: noguidance, cfg or softcfg
     for item in family.checkpoints:
         if item.decoder_only and not want_decoder:
             continue
         path = str(OmegaConf.select(config, item.key))
-        images.update({f"{item.manifest_name}.{k}": v for k, v in file_identity(path).items()})
+        identity = file_identity(path)
+        images.update({f"{item.manifest_name}.{k}": v for k, v in identity.items()})
         recorded[f"{item.manifest_name}.path"] = path
+        recorded[f"{item.manifest_name}.pinned"] = pinned_status(path, identity["sha256"])
     recorded.update({
         "torch": torch.__version__, "cuda": torch.version.cuda,
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
@@ -319,6 +328,21 @@ def run_manifest(config: DictConfig, family: ModelFamily, want_decoder: bool, de
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     })
     return mf.make_manifest(images, recorded)
+
+
+def pinned_status(path: str, sha256: str) -> str:
+    """Whether a checkpoint is the published file: "match" or "mismatch" against the hash the
+    registry pins for its file name, "unpinned" (published without a hash), or "unknown file"."""
+    remote = published(Path(path).name)
+    if remote is None:
+        return "unknown file"
+    if not remote.sha256:
+        return "unpinned"
+    if sha256 != remote.sha256:
+        print(f"warning: {path} is not the published {remote.name} (SHA-256 {sha256[:12]}..., published "
+              f"{remote.sha256[:12]}...); its samples are not the paper's model's", file=sys.stderr)
+        return "mismatch"
+    return "match"
 
 
 # ---------------------------------------------------------------------------- run
@@ -544,3 +568,22 @@ def from_this_rank(err: Exception, rank: int, world: int) -> Exception:
 def entry_point(family: str) -> None:
     """`python <family>/sample_imagenet.py ...`: the whole body of a family's sampler script."""
     main(sys.argv[1:], family)
+
+
+def sample_command(argv: Optional[Sequence[str]] = None) -> None:
+    """`softcfg-sample --config CONFIG ...`: a family's sampler, the family read from the config
+    (`--config rar_xl` equals `rar/sample_imagenet.py --config configs/rar_xl.yaml`)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    with exit_on_error():
+        config_path, _, want_help = _split_args(argv)
+        if config_path is None:
+            names = ", ".join(model_names())
+            if want_help:
+                print(f"usage: softcfg-sample --config CONFIG [--key=value ...]\n\nCONFIG is a config file or "
+                      f"a packaged config name ({names}); --help with --config lists every option.")
+                raise SystemExit(0)
+            raise ConfigError(f"--config is required: a config file or a packaged config name ({names}), "
+                              f"e.g. softcfg-sample --config alitok_xl --help")
+        family = family_of_config(config_path)
+    main(argv, family, prog="softcfg-sample")
+
