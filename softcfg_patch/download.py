@@ -359,9 +359,9 @@ def settle(remote: Remote, part: Path, final: Path, digest: str, ledger: Ledger,
         say(f"{remote.name}: unpinned (no published hash); recorded its SHA-256 {digest} in "
             f"{ledger.dest / SUMS}; later runs must match it")
     if remote.expected_sha256 and digest != remote.expected_sha256:
-        print(f"warning: {remote.name}: SHA-256 {digest} is not the hash of the community mirror "
-              f"({remote.expected_sha256}); it may still be right (the publisher gives none); kept",
-              file=sys.stderr)
+        tqdm.write(f"warning: {remote.name}: SHA-256 {digest} is not the hash of the community mirror "
+                   f"({remote.expected_sha256}); it may still be right (the publisher gives none); kept",
+                   file=sys.stderr)
     say(f"{remote.name}: done, {final.stat().st_size} bytes, verified ({pin_kind(remote)})")
     return final
 
