@@ -19,7 +19,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
+FENCE = re.compile(r"^ *```(\w*)\n(.*?)^ *```", re.S | re.M)
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 ANCHOR = re.compile(r"\[`([\w/.]+\.py):(\d+)`\]\(([^)]+)\)\s+`([\w.]+)`")
 
@@ -124,7 +124,7 @@ def sampler_commands() -> list:
     found = []
     for page, code in blocks("bash"):
         for argv in commands(code):
-            scripts = [w for w in argv if w.endswith("/sample_imagenet.py")]
+            scripts = [w for w in argv if w.endswith("/sample_imagenet.py") or w == "softcfg-sample"]
             if scripts and "..." not in argv:
                 found.append((page, scripts[0].split("/")[0], argv[argv.index(scripts[0]) + 1:]))
     return found
@@ -132,7 +132,9 @@ def sampler_commands() -> list:
 
 @pytest.mark.parametrize("page, family, argv", sampler_commands(), ids=lambda x: x if isinstance(x, str) else "")
 def test_sampler_commands_parse_through_the_sampler_cli(page, family, argv):
-    from softcfg_patch.run.config import parse_cli
+    from softcfg_patch.run.config import _split_args, family_of_config, parse_cli
+    if family == "softcfg-sample":  # the command reads the family from the config
+        family = family_of_config(_split_args(argv)[0]).name
     config = parse_cli(argv, family)  # every key known, every value of the right type, guidance valid
     assert config.experiment.output_dir
 

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -248,3 +249,30 @@ def test_the_module_runs_as_a_command_without_torch(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "alitok_xl.bin" in done.stdout and "AliTok.pth" in done.stdout and "drive.google.com" in done.stdout
+
+
+def test_no_network_suggests_a_mirror(remotes, tmp_path, capsys, monkeypatch):
+    import socket
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    code, _, err = run(capsys, "pinned", "--dir", tmp_path)
+    assert code == 2 and "cannot reach" in err and "--mirror" in err and not (tmp_path / "pinned.bin").exists()
+
+
+def test_table_scripts_download_every_input_first_with_download_1(tmp_path):
+    """DOWNLOAD=1: common.sh's setting() runs softcfg-download for the model, the reference and
+    Inception (those not given by REF / INCEPTION) before its input check; PYTHON records calls."""
+    log = tmp_path / "calls"
+    fake = tmp_path / "python"
+    fake.write_text(f'#!/bin/sh\necho "$@" >> {log}\n')
+    fake.chmod(0o755)
+    root = Path(__file__).resolve().parents[1]
+    script = f'source {root}/scripts/common.sh; setting t alitok_xl CFG; REF=/r.npz setting t rar_l CFG'
+    env = {"PATH": os.environ["PATH"], "PYTHON": str(fake), "DOWNLOAD": "1", "WEIGHTS": str(tmp_path / "w")}
+    subprocess.run(["bash", "-c", script], env=env, check=True, timeout=60)
+    calls = log.read_text().splitlines()
+    assert calls[0] == f"-m softcfg_patch.download alitok_xl reference inception --dir {tmp_path / 'w'}"
+    assert calls[1].startswith(f"{root}/scripts/run_setting.py --check-only")
+    assert f"-m softcfg_patch.download rar_l inception --dir {tmp_path / 'w'}" in calls
