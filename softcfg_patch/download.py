@@ -382,6 +382,9 @@ def source_of(remote: Remote, mirror: Optional[str]) -> Source:
             return Source("http", f"{mirror.rstrip('/')}/{urllib.parse.quote(remote.name)}", mirror=True)
         return Source("file", str(_local(mirror) / remote.name), mirror=True)
     if remote.host == "hf":
+        cached = hub_cache(remote)
+        if cached is not None:  # already in the Hugging Face cache: copied, with the same checks
+            return Source("file", cached)
         endpoint = os.environ.get("HF_ENDPOINT", HF_ENDPOINT).rstrip("/")
         return Source("http", f"{endpoint}/{remote.location}/resolve/{remote.revision}/"
                               f"{urllib.parse.quote(remote.name)}", hub=True)
@@ -392,6 +395,20 @@ def source_of(remote: Remote, mirror: Optional[str]) -> Source:
     if remote.host == "url":
         return Source("http", remote.location)
     raise DownloadError(f"{remote.name}: unknown host {remote.host!r} in the registry (hf, gdrive or url)")
+
+
+def hub_cache(remote: Remote) -> Optional[str]:
+    """The file's copy in the Hugging Face cache (HF_HOME, HF_HUB_CACHE), if huggingface_hub is
+    installed and holds it: a file fetched once by any tool is not downloaded again."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    try:
+        found = try_to_load_from_cache(remote.location, remote.name, revision=remote.revision)
+    except Exception:  # noqa: BLE001 - a broken cache is only a cache: download instead
+        return None
+    return found if isinstance(found, str) and os.path.isfile(found) else None
 
 
 def _is_url(mirror: str) -> bool:

@@ -21,6 +21,7 @@ from softcfg_patch.run.registry import Remote
 FILES = {name: hashlib.sha256(name.encode()).digest() * 300 for name in  # 9,600 bytes each
          ("pinned.bin", "prefixed.pth", "unpinned.pt", "community.npz", "ranges.bin", "dropped.bin")}
 SHA = {name: hashlib.sha256(data).hexdigest() for name, data in FILES.items()}
+HUB_CACHE = download.hub_cache  # the real lookup (the fixture replaces it)
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
@@ -94,6 +95,7 @@ def remotes(server, monkeypatch):
     monkeypatch.setattr(download, "catalogue", lambda: {k: [v] for k, v in table.items()})
     monkeypatch.setattr(download, "DRIVE_URL", f"{server}/drive?id={{id}}")
     monkeypatch.setattr(download, "_gdown", lambda: None)  # the plain-HTTP Drive path
+    monkeypatch.setattr(download, "hub_cache", lambda remote: None)  # whatever this machine's HF cache holds
     return table
 
 
@@ -276,3 +278,18 @@ def test_table_scripts_download_every_input_first_with_download_1(tmp_path):
     assert calls[0] == f"-m softcfg_patch.download alitok_xl reference inception --dir {tmp_path / 'w'}"
     assert calls[1].startswith(f"{root}/scripts/run_setting.py --check-only")
     assert f"-m softcfg_patch.download rar_l inception --dir {tmp_path / 'w'}" in calls
+
+
+def test_a_file_in_the_hugging_face_cache_is_copied_not_downloaded(remotes, tmp_path, capsys, monkeypatch):
+    import types
+    cached = tmp_path / "hub" / "pinned.bin"
+    cached.parent.mkdir()
+    cached.write_bytes(FILES["pinned.bin"])
+    asked = []
+    fake = types.SimpleNamespace(try_to_load_from_cache=lambda repo, name, revision=None: asked.append(
+        (repo, name, revision)) or str(cached))
+    monkeypatch.setitem(sys.modules, "huggingface_hub", fake)
+    monkeypatch.setattr(download, "hub_cache", HUB_CACHE)
+    code, out, _ = run(capsys, "pinned", "--dir", tmp_path / "w")
+    assert code == 0 and asked == [("someone/repo", "pinned.bin", "main")] and Handler.requests == []
+    assert (tmp_path / "w" / "pinned.bin").read_bytes() == FILES["pinned.bin"] and cached.exists()
