@@ -48,7 +48,6 @@ import yaml
 from tqdm import tqdm
 
 from .errors import SoftCFGError
-from .files import atomic_write
 from .run import registry
 from .run.config import CONFIG_DIR
 from .run.registry import Remote
@@ -221,8 +220,19 @@ class Ledger:
 
     def save(self) -> None:
         lines = self.foreign + [f"{digest}  {name}" for name, digest in self.sums.items()]
-        atomic_write(self.dest / SUMS, lambda tmp: tmp.write_text("".join(f"{line}\n" for line in lines)))
-        atomic_write(self.dest / CACHE, lambda tmp: tmp.write_text(json.dumps({"files": self.cache}, indent=1)))
+        _write_atomic(self.dest / SUMS, "".join(f"{line}\n" for line in lines))
+        _write_atomic(self.dest / CACHE, json.dumps({"files": self.cache}, indent=1))
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write then rename: a killed run never leaves half a SHA256SUMS. (Not files.atomic_write:
+    that module imports numpy, which would double this command's start-up time.)"""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # open(): the umask's mode, readable by the group
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -282,7 +292,8 @@ def fetch_files(remotes: list[Remote], dest: Path, *, mirror: Optional[str] = No
     if dry_run:
         return report_plan(remotes, dest, ledger, mirror)
     done, failures = [], []
-    with Progress(sum(max(r.size - _part_size(dest, r), 0) for r in remotes if not (dest / r.name).exists())) as progress:
+    missing = [r for r in remotes if not (dest / r.name).exists()]
+    with Progress(sum(max(r.size - _part_size(dest, r), 0) for r in missing), shown=bool(missing)) as progress:
         for remote in remotes:
             try:
                 done.append(fetch_one(remote, dest, ledger, mirror, progress))
@@ -445,7 +456,7 @@ def transfer(remote: Remote, source: Source, part: Path, progress: "Progress") -
     if stream is None:
         return _digest(part).hexdigest()  # 416: the server has nothing past the .part's end
     if start < offset:
-        say(f"{remote.name}: the source does not resume (no Range support); restarting from zero")
+        say(f"{remote.name}: the source cannot resume the .part (no Range support); restarting from zero")
         if remote.size:
             progress.expect(offset)  # those bytes were left out of the total as already here
     if total and not remote.size:
@@ -456,7 +467,7 @@ def transfer(remote: Remote, source: Source, part: Path, progress: "Progress") -
     return digest.hexdigest()
 
 
-def open_http(remote: Remote, source: Source, offset: int):
+def open_http(remote: Remote, source: Source, offset: int) -> tuple:
     """GET `source.where` from byte `offset`: (response, start byte, total bytes or None);
     start is 0 when the server ignores Range (200). (None, offset, offset) on 416."""
     request = urllib.request.Request(source.where, headers={"User-Agent": USER_AGENT})
@@ -491,7 +502,7 @@ def open_http(remote: Remote, source: Source, offset: int):
     return response, 0, length
 
 
-def open_file(remote: Remote, source: Source, offset: int):
+def open_file(remote: Remote, source: Source, offset: int) -> tuple:
     """A mirror folder's copy of the file, opened at `offset`: (file, start, size)."""
     path = Path(source.where)
     try:
@@ -641,8 +652,9 @@ def say(message: str) -> None:
 class Progress:
     """One bar for the bytes of the whole command, and one per file."""
 
-    def __init__(self, total: int):
-        self.bar = tqdm(total=total or None, unit="B", unit_scale=True, unit_divisor=1024, desc="total")
+    def __init__(self, total: int, shown: bool = True):
+        self.bar = tqdm(total=total or None, unit="B", unit_scale=True, unit_divisor=1024, desc="total",
+                        disable=not shown)
 
     def expect(self, more: int) -> None:
         """A file of unpublished size announced its length, or a resume restarted: more to come."""
@@ -681,7 +693,7 @@ def report_plan(remotes: list[Remote], dest: Path, ledger: Ledger, mirror: Optio
         print(f"{remote.name:<{width}}  {host:<6}  {size}  {pin_kind(remote)}  {state}  {where}")
     count = len(remotes) - len(present)
     also = f", plus {unknown} file{'s' * (unknown != 1)} of unknown size" if unknown else ""
-    print(f"{len(remotes)} files; {len(present)} present and verified; to fetch: {count} files, "
+    print(f"{len(remotes)} files; {len(present)} present and verified; to fetch: {count} file{'s' * (count != 1)}, "
           f"{to_fetch} bytes ({_human(to_fetch)}){also}; into {dest}")
     return present
 
@@ -701,7 +713,7 @@ def plan_state(remote: Remote, dest: Path, ledger: Ledger) -> str:
 def _human(n: int) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1000 or unit == "GB":
-            return f"{n:.3g} {unit}" if unit != "B" else f"{n} B"
+            return f"{n:.2f} {unit}" if unit != "B" else f"{n} B"
         n /= 1000
     return f"{n} B"
 
