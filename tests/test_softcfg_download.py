@@ -244,25 +244,6 @@ def test_the_real_registry_names_every_official_file(tmp_path, capsys, monkeypat
     assert download.command_for("weights/mine.bin") is None
 
 
-@pytest.mark.e2e
-def test_the_module_runs_as_a_command_without_torch(tmp_path):
-    code = ("import runpy, sys; sys.modules['torch'] = None; sys.argv = ['softcfg-download', 'alitok_xl', "
-            f"'--dry-run', '--dir', {str(tmp_path)!r}]; runpy.run_module('softcfg_patch.download', run_name='__main__')")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    assert "alitok_xl.bin" in done.stdout and "AliTok.pth" in done.stdout and "drive.google.com" in done.stdout
-
-
-def test_no_network_suggests_a_mirror(remotes, tmp_path, capsys, monkeypatch):
-    import socket
-    with socket.socket() as s:  # a port nothing listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
-    code, _, err = run(capsys, "pinned", "--dir", tmp_path)
-    assert code == 2 and "cannot reach" in err and "--mirror" in err and not (tmp_path / "pinned.bin").exists()
-
-
 def test_table_scripts_download_every_input_first_with_download_1(tmp_path):
     """DOWNLOAD=1: common.sh's setting() runs softcfg-download for the model, the reference and
     Inception (those not given by REF / INCEPTION) before its input check; PYTHON records calls."""
