@@ -186,9 +186,15 @@ def compute_activations(model: FIDInception, images: NpzImages, *, batch_size: i
     return out
 
 
+def network_key(model: FIDInception) -> str:
+    """Names the network's weights and its pre-processing: activations with equal keys are
+    interchangeable (the sampler stores it with the activations it computes while sampling)."""
+    return f"{model.identity()}|{model.resize}|{model.normalize}|float32"
+
+
 def _cache_key(file_sha: str, model: FIDInception) -> str:
     """Names the batch file's bytes, the network weights and the pre-processing."""
-    text = f"v{CACHE_VERSION}|{file_sha}|{model.identity()}|{model.resize}|{model.normalize}|float32"
+    text = f"v{CACHE_VERSION}|{file_sha}|{network_key(model)}"
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -258,11 +264,15 @@ def load_network(args, device: torch.device) -> tuple[FIDInception, Path, str]:
     model = FIDInception(weights, resize=args.resize, normalize=args.normalize).to(device)
     file_sha = file_sha256(weights)
     print(f"Inception weights {weights} on {device}", file=sys.stderr)
+    warn_if_unpublished(weights, file_sha)
+    return model, weights, file_sha
+
+
+def warn_if_unpublished(weights: Path, file_sha: str) -> None:
     if not file_sha.startswith(PUBLISHED_WEIGHTS_SHA256_PREFIX):
         print(f"warning: {weights} is not the published FID Inception file (its SHA-256 {file_sha[:8]}... does not "
               f"start with {PUBLISHED_WEIGHTS_SHA256_PREFIX}); these numbers are not comparable with published "
               f"ones", file=sys.stderr)
-    return model, weights, file_sha
 
 
 def warn_small_n(n: int, what: str = "samples") -> None:

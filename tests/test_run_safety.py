@@ -23,6 +23,7 @@ from softcfg_patch.errors import ConfigError
 from softcfg_patch.run import config as run_config
 from softcfg_patch.run import output, runner
 from softcfg_patch.run.lock import RunLock
+from softcfg_patch.shards import Layout, save_shard, shard_path
 from test_run_manifest import copy_run, sample, unprivileged  # noqa: F401  (helpers)
 from test_sample_cli import SCRIPT, TINY, free_port, read_outputs, single_run  # noqa: F401  (fixture)
 
@@ -109,31 +110,32 @@ def test_two_samplers_in_one_folder_never_mix(tmp_path, tiny_alitok, first_seed,
 def test_overwrite_removes_exactly_the_files_of_a_run(single_run, tmp_path, capsys):
     out = copy_run(single_run, tmp_path / "run")
     (out / "notes.txt").write_text("mine")
-    (out / "tokens" / "mine.npy").write_bytes(b"x")
+    (out / "shards" / "mine.npz").write_bytes(b"x")
     (out / "cat.png").write_bytes(b"x")
     (out / ".000001.png.123.tmp").write_bytes(b"half")  # a killed run's temporary is ours
     ours = output.output_files(out)
-    assert len(ours) == 5 + 3 + 1 + 1 + 2  # PNGs, token batches, manifest, temporary, two npz
+    assert len(ours) == 5 + 3 + 1 + 1 + 2  # PNGs, shards, manifest, temporary, two npz
     code, stdout, err = sample(capsys, f"--experiment.output_dir={out}", "--sample.num_fid_samples=2",
                                "--sample.seed=1", "--sample.overwrite=True")
     assert code == 0, err
     assert f"removed {len(ours)} files of the previous run" in stdout
     assert (out / "notes.txt").read_text() == "mine" and (out / "cat.png").read_bytes() == b"x"
-    assert (out / "tokens" / "mine.npy").read_bytes() == b"x"
-    assert not list((out / "tokens").glob("batch_*")) and not (out / ".000001.png.123.tmp").exists()
+    assert (out / "shards" / "mine.npz").read_bytes() == b"x"
+    assert sorted(p.name for p in (out / "shards").glob("batch_*")) == ["batch_000000.npz"]  # the new run's
+    assert not (out / ".000001.png.123.tmp").exists()
     assert sorted(p.name for p in out.glob("*.png")) == ["000000.png", "000001.png", "cat.png"]
 
 
 def test_a_folder_left_empty_is_removed_and_the_lock_is_never_listed(tmp_path):
     out = tmp_path / "run"
-    (out / "tokens").mkdir(parents=True)
-    np.save(out / "tokens" / "batch_000000.npy", np.zeros((2, 3), np.int32))
+    (out / "shards").mkdir(parents=True)
+    np.savez(out / "shards" / "batch_000000.npz", tokens=np.zeros((2, 3), np.uint8))
     lock = RunLock.acquire(out)
     try:
-        assert output.output_files(out) == [out / "tokens" / "batch_000000.npy"]
+        assert output.output_files(out) == [out / "shards" / "batch_000000.npz"]
         manifest = {"format": 1, "images": {}, "recorded": {}}
         output.prepare_output(out, manifest, overwrite=True)
-        assert not (out / "tokens").exists() and (out / ".lock").is_file()
+        assert not (out / "shards").exists() and (out / ".lock").is_file()
     finally:
         lock.release()
 
@@ -166,29 +168,32 @@ def test_a_batch_changed_by_another_process_is_moved_aside_and_redrawn(single_ru
 def make_batches(out):
     """Batch 0 (PNGs 0, 1) from an earlier run, batch 1 (PNGs 2, 3) written by this one."""
     plan = runner.batch_plan(4, 2)
+    for k in range(2):
+        save_shard(shard_path(out, k), {"indices": np.arange(2 * k, 2 * k + 2), "tokens": np.zeros((2, 3))})
     for i in range(4):
         output.save_png(output.png_path(out, i), np.full((4, 4, 3), i, np.uint8))
     started = os.stat(output.png_path(out, 3)).st_mtime_ns
-    for i in (0, 1):
-        os.utime(output.png_path(out, i), ns=(started - 10 ** 9, started - 10 ** 9))
+    for path in output.batch_files(out, 0, plan[0], Layout("png")):
+        os.utime(path, ns=(started - 10 ** 9, started - 10 ** 9))
     ledger = output.Ledger(out)
-    ledger.record(1, output.batch_files(out, 1, plan[1], True, False))
+    ledger.record(1, output.batch_files(out, 1, plan[1], Layout("png")))
     return plan, ledger.batches, started
 
 
 @pytest.mark.parametrize("intruder,batch", [(0, 0), (3, 1)])
 def test_files_newer_than_the_run_and_not_its_own_are_refused(tmp_path, intruder, batch):
     plan, written, started = make_batches(tmp_path / "ok")
-    output.check_ownership(tmp_path / "ok", plan, written, started, True, False)  # resumed + own: accepted
+    output.check_ownership(tmp_path / "ok", plan, written, started, Layout("png"))  # resumed + own: accepted
     out = tmp_path / "bad"
     plan, written, started = make_batches(out)
     later = started + 10 ** 9  # an older run's file touched now, or one of ours replaced
     output.save_png(output.png_path(out, intruder), np.zeros((4, 4, 3), np.uint8))
     os.utime(output.png_path(out, intruder), ns=(later, later))
     with pytest.raises(ConfigError, match=rf"files of 1 batch\(es\) .*\(batches {batch}\)"):
-        output.check_ownership(out, plan, written, started, True, False)
-    moved = sorted(p.name for p in (out / "foreign").iterdir())
-    assert moved == [f"{i:06d}.png" for i in plan[batch]] and not output.png_path(out, intruder).exists()
+        output.check_ownership(out, plan, written, started, Layout("png"))
+    moved = sorted(str(p.relative_to(out / "foreign")) for p in (out / "foreign").rglob("*") if p.is_file())
+    assert moved == [f"{i:06d}.png" for i in plan[batch]] + [f"shards/batch_{batch:06d}.npz"]
+    assert not output.png_path(out, intruder).exists()
 
 
 # ----------------------------------------------------------------------- bounded and honest

@@ -22,6 +22,7 @@ from omegaconf.nodes import BooleanNode, FloatNode, IntegerNode, StringNode
 
 from ..errors import ConfigError
 from ..guidance import Guidance
+from ..shards import IMAGE_MODES
 from . import registry
 from .registry import ModelFamily
 
@@ -63,8 +64,16 @@ class Sample:
     seed: int = _opt(0, "base seed: batch k uses a generator seeded from (seed, k)")
     labels: str = _opt("balanced", "balanced: sample i has class i mod num_classes | random: uniform "
                                    "classes drawn from (seed, k), like upstream LlamaGen's torch.randint")
+    images: str = _opt("png", "how the images are kept: png (a file each, then <output_dir>.npz) | shards "
+                              "(one npz per batch, then <output_dir>.npz) | none (not kept: needs fid_reference)")
+    fid_reference: str = _opt("", "reference batch npz: evaluate while sampling (Inception activations stored "
+                                  "per batch, ADM metrics in <output_dir>.metrics.json)")
+    inception_weights: str = _opt("", "FID Inception weights for fid_reference (empty: the evaluator's lookup)")
+    bootstrap: int = _opt(0, "with fid_reference: bootstrap resamples of each metric's 95% interval (0: off)")
+    fid_method: str = _opt("sqrtm", "with fid_reference: sqrtm (ADM's) | eigh (the same trace, faster on CPU)")
     save_tokens: bool = _opt(False, "also write <output_dir>_tokens.npz (tokens, labels, manifest)")
-    tokens_only: bool = _opt(False, "sample tokens only: no decoder, PNGs or image npz")
+    tokens_only: bool = _opt(False, "sample tokens only: no decoder, no images (rebuild them with "
+                                    "scripts/decode_tokens.py)")
     precision: str = _opt("tf32", "fp32 | tf32 (like upstream; CPU ignores it) | bf16 (autocast; the "
                                "generator's linear weights stored in bf16)")
     compile: bool = _opt(False, "torch.compile the decode step (experimental)")
@@ -385,7 +394,8 @@ def validate(config: DictConfig) -> None:
     if s.num_fid_samples > MAX_SAMPLES:
         raise ConfigError(f"sample.num_fid_samples={s.num_fid_samples} is more than this sampler takes "
                           f"({MAX_SAMPLES:,} at most; ADM results use 50,000): check the number")
-    for name, choices in (("precision", PRECISIONS), ("device", DEVICES), ("labels", LABELS)):
+    for name, choices in (("precision", PRECISIONS), ("device", DEVICES), ("labels", LABELS),
+                          ("images", IMAGE_MODES)):
         if s[name] not in choices:
             raise ConfigError(f"sample.{name} must be one of {', '.join(choices)}, got {s[name]!r}")
     if s.device == "cuda":

@@ -1,6 +1,6 @@
-"""What a run writes and how it finds what is already there: PNGs, token files, the
-manifest and the npz archives. Every file is written to a temporary name and renamed
-(`atomic_write`), so a file on disk is always complete.
+"""What a run writes and how it finds what is already there: one shard per batch
+(softcfg_patch/shards.py), PNGs, the manifest and the npz archives. Every file is written to
+a temporary name and renamed (`atomic_write`), so a file on disk is always complete.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import re
 import sys
 import zipfile
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 from PIL import Image
@@ -18,15 +18,12 @@ from tqdm import tqdm
 
 from ..errors import ConfigError
 from ..files import atomic_write, save_npz
+from ..shards import Layout, npz_shapes, shard_arrays, shard_complete, shard_path
 from . import manifest as mf
 
 
 def png_path(out: Path, index: int) -> Path:
     return out / f"{index:06d}.png"
-
-
-def token_path(out: Path, batch_index: int) -> Path:
-    return out / "tokens" / f"batch_{batch_index:06d}.npy"
 
 
 def manifest_path(out: Path) -> Path:
@@ -50,18 +47,11 @@ def png_complete(path: Path) -> bool:
         return False
 
 
-def tokens_complete(path: Path, rows: int) -> bool:
-    try:
-        return np.load(path, mmap_mode="r").shape[0] == rows
-    except (OSError, ValueError):
-        return False
-
-
-def batch_done(out: Path, k: int, indices: range, want_png: bool, want_tokens: bool) -> bool:
+def batch_done(out: Path, k: int, indices: range, layout: Layout) -> bool:
     """Every file of batch k is on disk and complete (a truncated file makes the batch run again)."""
-    if want_tokens and not tokens_complete(token_path(out, k), len(indices)):
+    if not shard_complete(shard_path(out, k), indices, layout):
         return False
-    return not want_png or all(png_complete(png_path(out, i)) for i in indices)
+    return not layout.pngs or all(png_complete(png_path(out, i)) for i in indices)
 
 
 def _read_png(path: Path) -> np.ndarray:
@@ -73,26 +63,59 @@ def _read_png(path: Path) -> np.ndarray:
                           f"(its batch is sampled again)") from err
 
 
+def npz_is_this_run(npz_path: Path, manifest_text: str, num_samples: int) -> bool:
+    """An image npz written by this very run (its manifest, its sample count) is already there."""
+    try:
+        with zipfile.ZipFile(npz_path) as zf:
+            if "manifest.npy" not in zf.namelist():
+                return False
+            with zf.open("manifest.npy") as f:
+                if str(np.lib.format.read_array(f)) != manifest_text:
+                    return False
+        return npz_shapes(npz_path)["arr_0"][:1] == (num_samples,)
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        return False
+
+
+def png_images(out: Path, num_samples: int) -> Iterator[np.ndarray]:
+    """Every PNG in order, one image at a time, as a batch of one."""
+    for i in range(num_samples):
+        yield _read_png(png_path(out, i))[None]
+
+
 def write_npz_from_pngs(out: Path, num_samples: int, npz_path: Path, labels: Optional[np.ndarray] = None,
                         manifest_text: Optional[str] = None) -> Path:
-    """Stream the PNGs into `npz_path` as arr_0 [N, H, W, 3] uint8, one image in memory at a time.
+    """Stream the PNGs into `npz_path` (write_images_npz), one image in memory at a time."""
+    return write_images_npz(png_images(out, num_samples), num_samples, npz_path, labels, manifest_text)
+
+
+def write_images_npz(batches: Iterator[np.ndarray], num_samples: int, npz_path: Path,
+                     labels: Optional[np.ndarray] = None, manifest_text: Optional[str] = None) -> Path:
+    """Stream uint8 image batches into `npz_path` as arr_0 [N, H, W, 3], one batch in memory.
 
     `labels` (int64 [N]) and `manifest_text` (0-d unicode array) are stored beside arr_0;
-    the ADM evaluator reads arr_0 only.
+    the ADM evaluator reads arr_0 only. PNGs and shards of one run give the same bytes.
     """
-    first = _read_png(png_path(out, 0))
-    shape = (num_samples, *first.shape)
+    batches = iter(batches)
+    first = next(batches)
+    shape = (num_samples, *first.shape[1:])
 
     def write(tmp: Path) -> None:
+        written = 0
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
             with zf.open("arr_0.npy", "w", force_zip64=True) as member:
                 np.lib.format.write_array_header_2_0(
                     member, {"descr": "|u1", "fortran_order": False, "shape": shape})
-                for i in tqdm(range(num_samples), desc=f"writing {npz_path.name}", leave=False):
-                    image = _read_png(png_path(out, i))
-                    if image.shape != first.shape:
-                        raise RuntimeError(f"{png_path(out, i)} has shape {image.shape}, expected {first.shape}")
-                    member.write(np.ascontiguousarray(image).tobytes())
+                with tqdm(total=num_samples, desc=f"writing {npz_path.name}", leave=False, unit="image") as bar:
+                    for batch in _chain(first, batches):
+                        if batch.shape[1:] != first.shape[1:] or batch.dtype != np.uint8:
+                            raise RuntimeError(f"image {written} has shape {batch.shape[1:]} ({batch.dtype}), "
+                                               f"expected {first.shape[1:]} (uint8)")
+                        member.write(np.ascontiguousarray(batch).tobytes())
+                        written += len(batch)
+                        bar.update(len(batch))
+            if written != num_samples:
+                raise RuntimeError(f"{written} images streamed into {npz_path}, expected {num_samples}")
             for name, array in (("labels", None if labels is None else np.asarray(labels, dtype=np.int64)),
                                 ("manifest", None if manifest_text is None else np.array(manifest_text))):
                 if array is not None:
@@ -102,9 +125,14 @@ def write_npz_from_pngs(out: Path, num_samples: int, npz_path: Path, labels: Opt
     return npz_path
 
 
+def _chain(first, rest):
+    yield first
+    yield from rest
+
+
 def write_tokens_npz(out: Path, num_batches: int, labels: np.ndarray, npz_path: Path,
                      manifest_text: Optional[str] = None) -> Path:
-    tokens = np.concatenate([np.load(token_path(out, k)) for k in range(num_batches)])
+    tokens = shard_arrays(out, num_batches, ("tokens",))["tokens"]
     extra = {} if manifest_text is None else {"manifest": np.array(manifest_text)}
     save_npz(npz_path, tokens=tokens, labels=np.asarray(labels, dtype=np.int64), **extra)
     return npz_path
@@ -125,7 +153,7 @@ def npz_manifest(npz_path: Path) -> Optional[dict]:
 
 
 PNG_NAME = r"\d{6,}\.png"
-TOKENS_NAME = r"batch_\d{6,}\.npy"
+SHARD_NAME = r"batch_\d{6,}\.npz"
 
 
 def _ours(name: str) -> str:
@@ -134,14 +162,14 @@ def _ours(name: str) -> str:
 
 
 def output_files(out: Path) -> list[Path]:
-    """Every file a run of ours writes for this output_dir, and nothing else: PNGs, token
-    batches, the manifest, the npz files and the temporaries of each (a user's own files in
+    """Every file a run of ours writes for this output_dir, and nothing else: PNGs, shards,
+    the manifest, the npz files, the metrics and the temporaries of each (a user's own files in
     the folder, or a PNG of another name, are not ours). The lock file is not listed."""
     files = []
+    beside = [f"{out.name}.npz", f"{out.name}_tokens.npz", f"{out.name}.metrics.json"]
     for folder, pattern in ((out, _ours(PNG_NAME) + "|" + _ours(re.escape(mf.FILENAME))),
-                            (out / "tokens", _ours(TOKENS_NAME)),
-                            (out.parent, _ours(re.escape(f"{out.name}.npz")) + "|" +
-                             _ours(re.escape(f"{out.name}_tokens.npz")))):
+                            (out / "shards", _ours(SHARD_NAME)),
+                            (out.parent, "|".join(_ours(re.escape(name)) for name in beside))):
         if folder.is_dir():
             files += sorted(p for p in folder.iterdir() if re.fullmatch(pattern, p.name) and p.is_file())
     return files
@@ -174,7 +202,7 @@ def prepare_output(out: Path, manifest: dict, overwrite: bool) -> tuple[dict, st
     if overwrite and existing:
         for path in existing:
             path.unlink(missing_ok=True)
-        _remove_if_empty(out / "tokens")
+        _remove_if_empty(out / "shards")
         note = f"sample.overwrite=True: removed {len(existing)} files of the previous run"
     elif existing and old is None:
         raise ConfigError(f"output_dir '{out}' holds samples but no manifest (made by an older version?), so "
@@ -209,7 +237,7 @@ def _continue(out: Path, old: dict, manifest: dict) -> tuple[dict, str]:
         partial = mf.partial_last_batch(old_n, batch)
         if partial is not None:  # its row count changes, so its draws do: remake it whole
             k, indices = partial
-            for path in [png_path(out, i) for i in indices] + [token_path(out, k)]:
+            for path in [png_path(out, i) for i in indices] + [shard_path(out, k)]:
                 path.unlink(missing_ok=True)
         note = f"extending from {old_n} to {manifest['images']['sample.num_fid_samples']} samples"
     else:
@@ -237,18 +265,14 @@ def check_manifest_unchanged(out: Path, manifest: dict) -> str:
 
 
 # ------------------------------------------------------------------ whose files these are
-def batch_files(out: Path, k: int, indices: range, want_png: bool, want_tokens: bool) -> list[Path]:
-    """The files of batch k: its token batch, then its PNGs in order."""
-    return [token_path(out, k)] * want_tokens + [png_path(out, i) for i in indices] * want_png
+def batch_files(out: Path, k: int, indices: range, layout: Layout) -> list[Path]:
+    """The files of batch k: its shard, then its PNGs in order."""
+    return [shard_path(out, k)] + [png_path(out, i) for i in indices] * layout.pngs
 
 
-def batches_on_disk(out: Path, plan, want_png: bool, want_tokens: bool) -> int:
-    """How many batches of `plan` look finished: their last file is complete (a cheap count for
-    messages; resuming checks every file)."""
-    def last_file_done(k: int) -> bool:
-        last = batch_files(out, k, plan[k], want_png, want_tokens)[-1]
-        return png_complete(last) if last.suffix == ".png" else tokens_complete(last, len(plan[k]))
-    return sum(map(last_file_done, range(len(plan))))
+def batches_on_disk(out: Path, plan, layout: Layout) -> int:
+    """How many batches of `plan` are finished (for messages)."""
+    return sum(batch_done(out, k, plan[k], layout) for k in range(len(plan)))
 
 
 class Ledger:
@@ -284,7 +308,7 @@ def _batch_is_ours(files: list[Path], digest: Optional[bytes], started_ns: int) 
         return False
 
 
-def check_ownership(out: Path, plan, written: dict, started_ns: int, want_png: bool, want_tokens: bool) -> None:
+def check_ownership(out: Path, plan, written: dict, started_ns: int, layout: Layout) -> None:
     """ConfigError unless every batch of `plan` is this run's: written by it (`written`, the
     merged ledgers) and unchanged since, or older than the run's start (`started_ns`, on the
     folder's clock: an earlier run of the same settings, resumed).
@@ -294,7 +318,7 @@ def check_ownership(out: Path, plan, written: dict, started_ns: int, want_png: b
     """
     foreign = []
     for k in range(len(plan)):
-        files = batch_files(out, k, plan[k], want_png, want_tokens)
+        files = batch_files(out, k, plan[k], layout)
         if _batch_is_ours(files, written.get(k), started_ns):
             continue
         foreign.append(k)

@@ -97,6 +97,9 @@ class ModelFamily:
     unguided_at: str = "0"
     # Every official file of the family, for softcfg-download (configs name them by file name).
     downloads: tuple = ()
+    # The side of the images it writes: a number, or the config key that holds it (checked
+    # against sample.fid_reference before anything runs).
+    image_size: Any = 256
 
     def resolve(self, what: str) -> Callable:
         """The object named by `generator_class` / `load_generator` / `image_decoder` ("module:attribute")."""
@@ -262,6 +265,7 @@ register(ModelFamily(
     sample={"image_size_eval": Option(int, 256, "side of the saved images: decoded at the model's resolution, "
                                                 "then resized (bicubic), as upstream")},
     tokenizer_sizes=False, smoke_weights={"experiment.tokenizer_checkpoint": "llamagen.vq:random_weights"},
+    image_size="sample.image_size_eval",
     unguided_at="<=1",
     reference_fid={"llamagen_b_256": 5.46, "llamagen_l": 3.07, "llamagen_xl": 2.62, "llamagen_xxl": 2.34,
                    "llamagen_3b": 2.18},

@@ -6,11 +6,16 @@ the processes, so the images depend on the seed and the batch size but not on ho
 processes ran. Sample i has class i mod num_classes (`sample.labels=balanced`), or batch
 k draws its classes from a CPU generator of its own (`sample.labels=random`).
 
-Resume: every PNG (and token file) is written to a temporary name and renamed, so a file
-on disk is always complete. `<output_dir>/manifest.json` records every setting that
-changes the images; a rerun resumes only when it matches, skips batches whose files all
-exist and fills in only what is missing. `<output_dir>.npz` (arr_0, labels, manifest) is
-assembled at the end by streaming the PNGs into the archive, then renamed into place.
+Output: every batch leaves one shard (softcfg_patch/shards.py: its indices, labels and
+tokens, plus its images with `sample.images=shards`, plus its Inception activations with
+`sample.fid_reference`); with `sample.images=png` its images are PNG files as well. At the
+end `<output_dir>.npz` (arr_0, labels, manifest) is streamed from the PNGs or the shards
+(the same bytes), and `<output_dir>.metrics.json` is scored from the activations.
+
+Resume: every file is written to a temporary name and renamed, so a file on disk is always
+complete. `<output_dir>/manifest.json` records every setting that changes the images; a
+rerun resumes only when it matches, skips batches whose files all exist and fills in only
+what is missing.
 
 One run per folder: rank 0 holds `output_dir/.lock` (lock.py) from before it touches the
 folder until the npz is written, and every file that goes into the npz must be one this run
@@ -46,10 +51,12 @@ from tqdm import tqdm
 
 from ..checkpoint import html_message, looks_like_html
 from ..errors import ConfigError, SoftCFGError, exit_on_error, report
-from ..files import file_identity, save_npy
+from ..files import file_identity
 from ..guidance import Guidance, method
 from ..precision import cpu_has_fast_bf16, store_linear_weights, tf32
 from ..sampler import generate
+from ..shards import Layout, save_shard, shard_images, shard_path, token_dtype
+from . import evaluation as ev
 from . import manifest as mf
 from . import output as io
 from .config import Sample, _split_args, family_of_config, find_file, parse_cli
@@ -322,6 +329,9 @@ def run_manifest(config: DictConfig, family: ModelFamily, want_decoder: bool, de
         recorded[f"{item.manifest_name}.path"] = path
         recorded[f"{item.manifest_name}.pinned"] = pinned_status(path, identity["sha256"])
     recorded.update({
+        "family": family.name, "image_size": ev.image_size(config, family), "sample.images": images_kept(config),
+        # the whole config: scripts/decode_tokens.py rebuilds the decoder from it
+        "config": OmegaConf.to_container(config, resolve=True),
         "torch": torch.__version__, "cuda": torch.version.cuda,
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "device": device.type, "compile": bool(s.compile),
@@ -352,6 +362,7 @@ def check_run(config: DictConfig, family: ModelFamily) -> None:
     config.experiment.output_dir = os.path.abspath(os.path.expanduser(str(config.experiment.output_dir)))
     check_inputs(config, family.checkpoints, want_decoder=not config.sample.tokens_only)
     check_output_folders(Path(config.experiment.output_dir))
+    ev.check_evaluation(config, family)
     if config.wandb.enabled:
         try:
             import wandb  # noqa: F401
@@ -403,43 +414,52 @@ def out_of_memory(err: BaseException) -> bool:
         text in str(err) for text in ("out of memory", "can't allocate memory", "Cannot allocate memory")))
 
 
+def images_kept(config: DictConfig) -> str:
+    """png, shards or none: how this run keeps its images (tokens_only keeps none)."""
+    return "none" if config.sample.tokens_only else str(config.sample.images)
+
+
 def run_sampling(config: DictConfig, family: ModelFamily, rank: int = 0, world: int = 1,
                  device: torch.device = torch.device("cpu")) -> Optional[Path]:
-    """Sample `sample.num_fid_samples` images of `family`; returns the npz path (rank 0) or None.
+    """Sample `sample.num_fid_samples` images of `family`; returns the npz path (rank 0; None
+    without one: `sample.images=none`) or None.
 
     Call `check_run(config, family)` first (every process, before torch.distributed starts).
     """
     s = config.sample
     out = Path(config.experiment.output_dir)
-    want_png = not s.tokens_only
     with ExitStack() as held:
         def claim() -> tuple[dict, str, int]:  # rank 0, before any model is built
             lock = RunLock.acquire(out)  # held until this run's npz is written
             held.callback(lock.release)
-            manifest = run_manifest(config, family, want_png, device)
+            manifest = run_manifest(config, family, not s.tokens_only, device)
             return (*io.prepare_output(out, manifest, bool(s.overwrite)), lock.started_ns)
 
         manifest, note, started_ns = on_rank_zero(claim)
         plan = batch_plan(s.num_fid_samples, s.per_proc_batch_size)
+        evaluation = ev.load(config, device, rank)
+        layout = Layout(images_kept(config), evaluation.key if evaluation else "")
         try:
-            written, num_classes = sample_batches(config, family, plan, rank, world, device, note)
-            npz = on_rank_zero(lambda: write_outputs(config, plan, num_classes, manifest, written, started_ns))
+            written, num_classes = sample_batches(config, family, plan, rank, world, device, note, layout,
+                                                  evaluation)
+            npz = on_rank_zero(lambda: write_outputs(config, plan, num_classes, manifest, written, started_ns,
+                                                     layout, evaluation))
             return npz if rank == 0 else None
         except Interrupted as stop:
             if rank == 0:
-                done = io.batches_on_disk(out, plan, want_png, s.save_tokens or s.tokens_only)
-                stop.progress = f"after {done} of {len(plan)} batches"
+                stop.progress = f"after {io.batches_on_disk(out, plan, layout)} of {len(plan)} batches"
             raise
 
 
 def sample_batches(config: DictConfig, family: ModelFamily, plan: BatchPlan, rank: int, world: int,
-                   device: torch.device, note: str) -> tuple[dict, int]:
+                   device: torch.device, note: str, layout: Layout = Layout(),
+                   evaluation: Optional["ev.Evaluation"] = None) -> tuple[dict, int]:
     """Draw this process's batches that are not on disk yet; returns (the ledgers of every
     process, merged on rank 0 ({} elsewhere): what this run wrote, batch by batch; the number
     of classes)."""
     s = config.sample
     out = Path(config.experiment.output_dir)
-    want_png, want_tokens = not s.tokens_only, s.save_tokens or s.tokens_only
+    want_images = not s.tokens_only
     guidance = Guidance.from_config(config.model.generator)
     paths = [OmegaConf.select(config, c.key) for c in family.checkpoints]  # generator first, then the decoder's
     sources = [c.source for c in family.checkpoints]
@@ -451,28 +471,32 @@ def sample_batches(config: DictConfig, family: ModelFamily, plan: BatchPlan, ran
                   "emulated and slower than fp32; use --sample.precision=fp32", file=sys.stderr)
     model = model.to(device)
     decode = (family.resolve("image_decoder")(config, paths[1] if len(paths) > 1 else None, device,
-                                              source=sources[-1]) if want_png else None)
+                                              source=sources[-1]) if want_images else None)
+    tokens_as = token_dtype(model.vocab_size)
     if rank == 0:
         print(f"sampling {s.num_fid_samples} images into {out} on {world} process(es) ({note}); "
-              f"guidance: {guidance}")
+              f"images: {layout.images}; guidance: {guidance}")
     barrier()
 
     mine = range(rank, len(plan), world)
-    todo = np.fromiter((k for k in mine if not io.batch_done(out, k, plan[k], want_png, want_tokens)), np.int64)
+    todo = np.fromiter((k for k in mine if not io.batch_done(out, k, plan[k], layout)), np.int64)
     if rank == 0 and len(todo) < len(mine):
         print(f"resuming: {len(mine) - len(todo)} of {len(mine)} batches of this process already on disk")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=s.precision == "bf16")
     logger = _wandb(config) if rank == 0 and config.wandb.enabled else None
     ledger, start = io.Ledger(out), time.time()
     for done, k in enumerate(tqdm(todo.tolist(), desc="sampling", disable=rank != 0, unit="batch"), 1):
-        labels = torch.from_numpy(class_labels(plan[k], model.num_classes, s.labels, s.seed, k)).to(device)
+        labels = class_labels(plan[k], model.num_classes, s.labels, s.seed, k)
         generator = torch.Generator(device=device).manual_seed(batch_seed(s.seed, k))
         try:
             with autocast:
-                tokens = generate(model, labels, guidance, generator=generator, compile=bool(s.compile))
-                if want_png:
+                tokens = generate(model, torch.from_numpy(labels).to(device), guidance, generator=generator,
+                                  compile=bool(s.compile))
+                if want_images:
                     with torch.no_grad():
                         images = decode(tokens)
+            if evaluation is not None:
+                activations = evaluation.activations(images)
         except RuntimeError as err:
             if not out_of_memory(err):
                 raise
@@ -483,16 +507,21 @@ def sample_batches(config: DictConfig, family: ModelFamily, plan: BatchPlan, ran
                               f"the same command to resume, or pass a smaller --sample.per_proc_batch_size "
                               f"(e.g. {max(1, s.per_proc_batch_size // 2)}) with another --experiment.output_dir "
                               f"(the batch size changes the images)") from None
+        shard = {"indices": np.arange(plan[k].start, plan[k].stop, dtype=np.int64), "labels": labels,
+                 "tokens": tokens.cpu().numpy().astype(tokens_as)}
         files = []
-        if want_tokens:
-            files.append(io.token_path(out, k))
-            save_npy(files[-1], tokens.cpu().numpy().astype(np.int32))
-        if want_png:
-            images = images.cpu().numpy() if torch.is_tensor(images) else images
-            for i, image in zip(plan[k], images):
-                files.append(io.png_path(out, i))
-                io.save_png(files[-1], image)
-        ledger.record(k, files)
+        if want_images:
+            images = images.cpu().numpy() if torch.is_tensor(images) else np.asarray(images)
+            if layout.images == "shards":
+                shard["images"] = images
+            elif layout.pngs:
+                for i, image in zip(plan[k], images):
+                    files.append(io.png_path(out, i))
+                    io.save_png(files[-1], image)
+        if evaluation is not None:
+            shard.update(activations, inception=np.array(evaluation.key))
+        save_shard(shard_path(out, k), shard)  # last: a batch counts as done once its shard is there
+        ledger.record(k, [shard_path(out, k)] + files)
         if logger is not None:
             logger.log({"batches_done": done, "elapsed_s": time.time() - start})
     if logger is not None:
@@ -510,20 +539,28 @@ def gather_ledgers(ledger: "io.Ledger", world: int) -> dict:
 
 
 def write_outputs(config: DictConfig, plan: BatchPlan, num_classes: int, manifest: dict, written: dict,
-                  started_ns: int) -> Optional[Path]:
-    """Rank 0, once every batch is on disk: check that every file is this run's, then the npz files."""
+                  started_ns: int, layout: Layout = Layout(), evaluation: Optional["ev.Evaluation"] = None
+                  ) -> Optional[Path]:
+    """Rank 0, once every batch is on disk: check that every file is this run's, then the npz
+    files and the metrics."""
     s = config.sample
     out = Path(config.experiment.output_dir)
-    want_png, want_tokens = not s.tokens_only, s.save_tokens or s.tokens_only
     text = io.check_manifest_unchanged(out, manifest)
-    io.check_ownership(out, plan, written, started_ns, want_png, want_tokens)
+    io.check_ownership(out, plan, written, started_ns, layout)
     labels = np.concatenate([class_labels(plan[k], num_classes, s.labels, s.seed, k) for k in range(len(plan))])
     npz = None
-    if want_tokens:
+    if s.save_tokens or s.tokens_only:
         print(f"wrote {io.write_tokens_npz(out, len(plan), labels, Path(f'{out}_tokens.npz'), text)}")
-    if want_png:
-        npz = io.write_npz_from_pngs(out, s.num_fid_samples, Path(f"{out}.npz"), labels, text)
-        print(f"wrote {npz} [{s.num_fid_samples} images]")
+    if layout.images != "none":
+        npz = Path(f"{out}.npz")
+        if io.npz_is_this_run(npz, text, s.num_fid_samples):  # a rerun after the metrics failed
+            print(f"kept {npz} [{s.num_fid_samples} images, this run's]")
+        else:
+            batches = (io.png_images(out, s.num_fid_samples) if layout.pngs else shard_images(out, len(plan)))
+            io.write_images_npz(batches, s.num_fid_samples, npz, labels, text)
+            print(f"wrote {npz} [{s.num_fid_samples} images]")
+    if evaluation is not None:
+        evaluation.finish(out, len(plan), s.num_fid_samples)
     return npz
 
 
