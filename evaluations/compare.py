@@ -50,8 +50,8 @@ class NoManifestError(PairingError):
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="evaluations/compare.py", description=__doc__.split("\n\n")[0])
     p.add_argument("ref_batch", help="reference batch .npz (as for the evaluator)")
-    p.add_argument("batch_a", help="sample batch A .npz (e.g. CFG)")
-    p.add_argument("batch_b", help="sample batch B .npz (e.g. SoftCFG), same labels and seeds as A")
+    p.add_argument("batch_a", help="sample batch A .npz or run folder (e.g. CFG)")
+    p.add_argument("batch_b", help="sample batch B .npz or run folder (e.g. SoftCFG), same labels and seeds as A")
     p.add_argument("--bootstrap", type=int, default=200, metavar="N", help="resamples (>= 10; default 200)")
     p.add_argument("--seed", type=int, default=0, help="seed of the resamples (default 0)")
     p.add_argument("--unpaired", action="store_true",
@@ -170,7 +170,8 @@ def compare(args: argparse.Namespace, network: tuple | None = None) -> dict:
     """Everything compare.py prints, as a dict. `network`: an already loaded (model, path, sha)."""
     size = args.image_size or None
     with NpzImages(args.ref_batch, size, role="reference") as ref, \
-            NpzImages(args.batch_a, size, role="sample A") as a, NpzImages(args.batch_b, size, role="sample B") as b:
+            E.open_samples(args.batch_a, size, role="sample A") as a, \
+            E.open_samples(args.batch_b, size, role="sample B") as b:
         n = args.num_samples or len(a)
         if args.num_samples is None and len(a) != len(b) and not args.unpaired:
             raise PairingError(f"A holds {len(a)} images and B {len(b)}; paired sets need the same rows (or pass "

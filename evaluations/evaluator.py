@@ -42,6 +42,7 @@ from tqdm import tqdm
 from evaluations import metrics
 from evaluations.inception import NORMALIZE_MODES, RESIZE_MODES, WEIGHTS_ENV, FIDInception, find_weights
 from evaluations.npz import BatchFileError, NpzImages, file_sha256, verified_sha256
+from evaluations.run_folder import RunFolder, is_run_folder
 from softcfg_patch.errors import ConfigError, SoftCFGError
 from softcfg_patch.files import atomic_write, save_npz
 
@@ -61,7 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="FID, sFID, Inception Score, precision and recall exactly as the ADM evaluator "
                     "(openai/guided-diffusion), in PyTorch.")
     p.add_argument("ref_batch", help="reference batch .npz (arr_0 images; optional mu, sigma, mu_s, sigma_s)")
-    p.add_argument("sample_batch", help="sample batch .npz (arr_0: uint8 [N, H, W, 3])")
+    p.add_argument("sample_batch", help="sample batch .npz (arr_0: uint8 [N, H, W, 3]), or a sampler's output_dir "
+                                        "(its stored activations, else its npz)")
     p.add_argument("--json", metavar="PATH", help="also write the five metrics and the settings used to PATH")
     add_common_args(p)
     p.add_argument("--bootstrap", type=int, default=0, metavar="N",
@@ -250,12 +252,27 @@ def reference_activations(model: FIDInception, images: NpzImages, args, ref_sha:
                               desc="reference")
 
 
-def sample_activations(model: FIDInception, images: NpzImages, args, sample_sha: str,
-                       limit: int) -> tuple[dict, dict]:
+def sample_activations(model: FIDInception, images, args, sample_sha: str, limit: int) -> tuple[dict, dict]:
     """pool/spatial/logits of the first `limit` samples, cached next to the sample file, so that
-    bootstraps and comparisons (evaluations/compare.py) never recompute them."""
+    bootstraps and comparisons (evaluations/compare.py) never recompute them. A run folder gives
+    the activations it stored while sampling, else those of its npz."""
+    if isinstance(images, RunFolder):
+        stored = images.stored_activations(network_key(model), limit)
+        if stored is not None:
+            print(f"using the activations stored while sampling in {images.path}", file=sys.stderr)
+            return stored, {"cache": images.path, "cache_hit": True}
+        if not images.npz().is_file():
+            raise images.no_images_error(network_key(model))
+        print(f"{images.path}: no stored activations of this network; reading {images.npz()}", file=sys.stderr)
+        with NpzImages(images.npz(), None, role=images.role) as npz:
+            return sample_activations(model, npz, args, verified_sha256(npz.path, npz.role), limit)
     return cached_activations(model, images, args, sample_sha, keys=("pool", "spatial", "logits"), limit=limit,
                               desc="sample")
+
+
+def open_samples(path: str | os.PathLike, image_size: int | None, role: str = "sample"):
+    """A sample batch: an npz (NpzImages) or a sampler's output folder (RunFolder)."""
+    return RunFolder(path, image_size, role) if is_run_folder(path) else NpzImages(path, image_size, role=role)
 
 
 def load_network(args, device: torch.device) -> tuple[FIDInception, Path, str]:
@@ -282,8 +299,9 @@ def warn_small_n(n: int, what: str = "samples") -> None:
 
 
 def verify_files(*batches: NpzImages) -> list[str]:
-    """SHA-256 of each file, read once, with every npz member's CRC checked in the same pass."""
-    return [verified_sha256(b.path, b.role) for b in batches]
+    """SHA-256 of each file, read once, with every npz member's CRC checked in the same pass (a
+    run folder: of its manifest and shards)."""
+    return [b.sha256() if isinstance(b, RunFolder) else verified_sha256(b.path, b.role) for b in batches]
 
 
 def _precomputed_stats(images: NpzImages) -> dict:
@@ -338,7 +356,7 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, dict]:
     check_json_target(args.json)
     size = args.image_size or None
     with NpzImages(args.ref_batch, size, role="reference") as ref, \
-            NpzImages(args.sample_batch, size, role="sample") as sample:
+            open_samples(args.sample_batch, size, role="sample") as sample:
         n_sample = args.num_samples or len(sample)
         if n_sample > len(sample):
             raise BatchFileError(f"sample file '{sample.path}' holds {len(sample)} images, fewer than "
