@@ -234,7 +234,7 @@ def paired_result(folder: Path, base: dict, row: dict, num_resamples: int, devic
     cache = folder / "pairs" / f"{base['run']}__{row['run']}.b{num_resamples}.json"
     if cache.is_file():
         return json.loads(cache.read_text())
-    missing = [p for p in (base["samples"], row["samples"]) if not Path(p).is_file()]
+    missing = [p for p in (base["samples"], row["samples"]) if not Path(p).exists()]  # npz or run folder
     if missing:
         return f"{row['method']} seed {row['seed']}: samples deleted ({Path(missing[0]).name})"
     from evaluations import compare, evaluator  # torch only when pairs are asked for

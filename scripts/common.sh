@@ -9,6 +9,8 @@
 #   BOOTSTRAP   bootstrap resamples: each row's std and 95% interval (default 100), paired deltas (200)
 #   DOWNLOAD=1  fetch and verify every official file of a model first (softcfg-download)
 #   IN_PROCESS  sampler and evaluator inside run_setting.py's process (default: SMOKE on one process)
+#   SAMPLES     none (default): metrics computed while sampling, no images kept | shards: also the
+#               images, one npz per batch | png: PNGs + npz, then the evaluator (upstream's way)
 #   BATCH, DEVICE, WANDB=1, DELETE_SAMPLES=1, PYTHON  see scripts/run_setting.py --help
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

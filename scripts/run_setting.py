@@ -8,8 +8,11 @@
    weights, evaluator) and list all problems at once; `--check-only` stops here (the table
    scripts run it once per model before its first setting);
 1. sample NUM_SAMPLES images with the model family's sampler, e.g. alitok/sample_imagenet.py (torch.distributed.run
-   when NPROC > 1) into RESULTS/samples/<run>/ and RESULTS/samples/<run>.npz;
-2. evaluate that npz against REF with evaluations/evaluator.py;
+   when NPROC > 1) into RESULTS/samples/<run>/;
+2. evaluate against REF: with SAMPLES=none (default) or shards the sampler itself scores the
+   Inception activations of every batch as it decodes it (sample.fid_reference: no PNG, no
+   second pass; `shards` also keeps the images in RESULTS/samples/<run>.npz); with SAMPLES=png
+   it writes PNGs and RESULTS/samples/<run>.npz, which evaluations/evaluator.py then scores;
 3. write the row RESULTS/<table>/rows/<run>.json (atomically, last).
 
 <run> is derived from the model, every guidance setting, the seed, the number of samples and
@@ -55,6 +58,7 @@ from softcfg_patch.run.config import LABELS  # noqa: E402
 from softcfg_patch.files import atomic_write, save_npz  # noqa: E402
 
 MODELS = tuple(registry.model_names())
+SAMPLE_MODES = ("none", "shards", "png")
 
 GUIDANCE_DEFAULTS = Guidance().to_dict()
 # Sampling options left out of a run's digest while at their defaults (names made before
@@ -132,8 +136,13 @@ def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
     e.add_argument("--check-only", action="store_true",
                    help="check every input of --model (checkpoints, reference batch, Inception weights, "
                         "evaluator, wandb), list all problems and exit; samples and creates nothing")
+    e.add_argument("--samples", default=env("SAMPLES", "none"), choices=SAMPLE_MODES,
+                   help="[SAMPLES] none: metrics computed while sampling, no images kept (tokens and "
+                        "activations stay: ~21 KB/image) | shards: the same, images kept in one npz per batch "
+                        "and <run>.npz | png: PNGs and <run>.npz, then evaluations/evaluator.py (upstream's way)")
     e.add_argument("--delete-samples", action="store_true", default=env_flag("DELETE_SAMPLES"),
-                   help="[DELETE_SAMPLES=1] delete the PNGs and npz once the row is written (saves ~10 GB/run)")
+                   help="[DELETE_SAMPLES=1] once the row is written, delete the images: the PNGs and npz (png, "
+                        "~10 GB/run) or the npz (shards); none keeps no images")
     e.add_argument("--in-process", type=parse_bool, default=env("IN_PROCESS"),
                    help="[IN_PROCESS] run the sampler and evaluator inside this process (default: "
                         "true for SMOKE on one process, else false: real runs start processes)")
@@ -492,10 +501,11 @@ def run_script_here(cmd: list, extra_env: dict) -> int:
 
 
 def sample(args, config_file: Path, ckpts: dict, guidance: dict, batch: int, out: Path, run: str,
-           child_env: dict) -> dict:
-    """Sample into out/ and out.npz unless a complete npz exists; returns timing info."""
+           child_env: dict, ref: Optional[Path] = None, inception: Optional[Path] = None) -> dict:
+    """Sample into out/ (and out.npz but with SAMPLES=none) unless a complete npz exists; with
+    `ref`, the sampler evaluates while sampling (out.metrics.json). Returns timing info."""
     npz, meta_path = Path(f"{out}.npz"), Path(f"{out}.sampling.json")
-    if npz_count(npz) == args.num_samples and meta_path.is_file():
+    if ref is None and npz_count(npz) == args.num_samples and meta_path.is_file():
         print(f"samples: reusing {npz}", flush=True)
         return {**json.loads(meta_path.read_text()), "reused": True}
     script = REPO / registry.get(args.model).script
@@ -513,6 +523,11 @@ def sample(args, config_file: Path, ckpts: dict, guidance: dict, batch: int, out
         cmd += [f"--sample.labels={args.labels}"]
     if args.wandb:
         cmd += ["--wandb.enabled=True", f"--wandb.name={run}"]
+    if ref is not None:
+        cmd += [f"--sample.images={args.samples}", f"--sample.fid_reference={ref}",
+                f"--sample.inception_weights={inception}", f"--sample.bootstrap={args.bootstrap}"]
+        if args.smoke:  # as the evaluator's SMOKE runs: the same trace as sqrtm to ~1e-9, faster on a CPU
+            cmd += ["--sample.fid_method=eigh"]
     wall = run_command(cmd, "sampling", child_env, in_process=args.in_process)
     meta = {"wall_s": round(wall, 2), "command": " ".join(map(str, cmd))}
     write_json(meta_path, meta)
@@ -548,6 +563,20 @@ def evaluate(args, npz: Path, ref: Path, inception: Path, cache: Path, child_env
     return {**record, "reused": False}
 
 
+def evaluated_while_sampling(out: Path, sampling: dict, cache: Path) -> dict:
+    """The sampler's out.metrics.json (the evaluator's --json format) as an evaluation record."""
+    path = Path(f"{out}.metrics.json")
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise SettingError(f"the sampler wrote no readable {path} ({err}); rerun the same command") from None
+    seconds = result.get("settings", {}).get("wall_time_s", {})  # inside the sampling time
+    record = {"evaluator_json": result, "wall_s": round(sum(seconds.values()), 2), "evaluated_while_sampling": True,
+              "command": sampling["command"]}
+    write_json(cache, record)
+    return {**record, "reused": False}
+
+
 METRICS = ("fid", "inception_score", "sfid", "precision", "recall")
 
 
@@ -579,7 +608,7 @@ def make_row(args, run: str, guidance: dict, batch: int, config_file: Path, ckpt
         "reference": {"path": str(ref), "sha256": settings.get("ref_sha256")},
         "config": os.path.relpath(config_file, REPO),
         "checkpoints": {k: str(v) for k, v in ckpts.items()},
-        "samples": str(npz),
+        "samples": str(npz), "samples_kept": args.samples,
         "wall_time_s": {"sampling": sampling["wall_s"], "evaluation": evaluation["wall_s"],
                         "this_invocation": round(total, 2)},
         "reused": {"sampling": sampling["reused"], "evaluation": evaluation["reused"]},
@@ -639,16 +668,20 @@ def main(argv: Optional[list] = None) -> int:
     out = args.results / "samples" / run
     npz, sampling_meta = Path(f"{out}.npz"), Path(f"{out}.sampling.json")
     cache = eval_cache_path(out, ref, inception, args.evaluator, args.bootstrap)
-    if cache.is_file() and sampling_meta.is_file():  # another table already evaluated this setting
+    samples = npz if args.samples == "png" else out  # what compare.py reads for the paired deltas
+    if cache.is_file() and sampling_meta.is_file() and samples.exists():  # another table evaluated this setting
         print(f"reusing the samples and evaluation of {run} ({cache})", flush=True)
         sampling = {**json.loads(sampling_meta.read_text()), "reused": True}
         evaluation = {**json.loads(cache.read_text()), "reused": True}
-    else:
+    elif args.samples == "png":
         sampling = sample(args, config_file, ckpts, guidance, batch, out, run, child_env)
         if npz_count(npz) != args.num_samples:
             raise SettingError(f"{npz} does not hold {args.num_samples} images after sampling; rerun to resume")
         evaluation = evaluate(args, npz, ref, inception, cache, child_env)
-    row = make_row(args, run, guidance, batch, config_file, ckpts, ref, npz, sampling, evaluation,
+    else:  # the sampler scores its own activations
+        sampling = sample(args, config_file, ckpts, guidance, batch, out, run, child_env, ref, inception)
+        evaluation = evaluated_while_sampling(out, sampling, cache)
+    row = make_row(args, run, guidance, batch, config_file, ckpts, ref, samples, sampling, evaluation,
                    time.time() - start)
     write_json(row_path, row)  # last: a row exists only for finished work
     m = row["metrics"]
@@ -657,8 +690,10 @@ def main(argv: Optional[list] = None) -> int:
           flush=True)
     if args.wandb:
         log_wandb(row)
-    if args.delete_samples:
+    if args.delete_samples and args.samples == "png":
         shutil.rmtree(out, ignore_errors=True)
+        npz.unlink(missing_ok=True)
+    elif args.delete_samples:  # the shards keep tokens and activations for paired deltas
         npz.unlink(missing_ok=True)
     return 0
 

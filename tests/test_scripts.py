@@ -350,7 +350,7 @@ def test_inception_weights_in_weights_folder_reach_the_evaluator(clean_env):
     evaluator = clean_env / "stub" / "evaluator.py"
     evaluator.parent.mkdir()
     evaluator.write_text(STUB_EVALUATOR)
-    argv = real_argv(clean_env, "--evaluator", str(evaluator))
+    argv = real_argv(clean_env, "--evaluator", str(evaluator), "--samples", "png")  # the evaluator route
     # samples already drawn (as by an interrupted earlier run): only the evaluation is left
     args = run_setting.parse_args(argv)
     g = run_setting.effective_guidance(run_setting.OmegaConf.load(run_setting.config_path("alitok_xl", False)), args)

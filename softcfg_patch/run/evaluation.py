@@ -9,6 +9,7 @@ scripts default to `sample.images=none` with this.
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Optional
@@ -98,6 +99,7 @@ class Evaluation:
         from evaluations.npz import NpzImages, file_sha256
         s = config.sample
         self.config, self.device = config, device
+        self.inception_s = 0.0  # this process's time in the Inception network
         self.weights = Path(str(s.inception_weights))
         self.network = FIDInception(self.weights).to(device)
         self.key = E.network_key(self.network)  # stored in every shard: activations of another network are redone
@@ -116,6 +118,7 @@ class Evaluation:
             raise ConfigError(f"the decoder wrote {images.shape[1]}x{images.shape[2]} images but the reference "
                               f"batch {self.config.sample.fid_reference} holds {self.image_size[0]}x"
                               f"{self.image_size[1]}: pass a reference of the model's resolution")
+        start = time.perf_counter()
         with torch.autocast(self.device.type, enabled=False):  # fp32, as the evaluator, whatever the sampler runs in
             features = self.network(torch.as_tensor(np.asarray(images) if not torch.is_tensor(images) else images))
         out = {}
@@ -125,6 +128,7 @@ class Evaluation:
                 raise ConfigError(f"the Inception network gave NaN/inf '{name}' features; the weight file "
                                   f"{self.weights} is broken")
             out[name] = value.cpu().numpy()
+        self.inception_s += time.perf_counter() - start
         return out
 
     def finish(self, out: Path, num_batches: int, num_samples: int) -> dict:
@@ -133,7 +137,7 @@ class Evaluation:
         from evaluations import evaluator as E
         from evaluations import metrics
         from evaluations.npz import NpzImages
-        s = self.config.sample
+        s, start = self.config.sample, time.perf_counter()
         args = SimpleNamespace(no_cache=False, batch_size=64, num_workers=2, bootstrap=int(s.bootstrap),
                                bootstrap_seed=0, bootstrap_precision_recall=False)
         sample_acts = shard_arrays(out, num_batches, ACTIVATIONS)
@@ -161,6 +165,8 @@ class Evaluation:
             "activation_cache": str(cache["cache"]) if cache["cache"] else None, "cache_hit": cache["cache_hit"],
             "fid_method": s.fid_method, "distance": "fp16", "k": 3, "is_split_size": 5000, "pr_batch_size": 10000,
             "versions": {"torch": torch.__version__, "numpy": np.__version__},
+            "wall_time_s": {"inception_while_sampling_rank0": round(self.inception_s, 3),
+                            "scoring": round(time.perf_counter() - start, 3)},
         }
         for label, key in E.RESULT_LINES:
             print(f"{label}: {results[key]}")
