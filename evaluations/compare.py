@@ -10,6 +10,9 @@ images["sample.per_proc_batch_size"] must be equal). Files without them (an ADM 
 npz) or with different ones are refused unless --unpaired, which bootstraps each set on its
 own and adds the variances (a much wider interval).
 
+A and B may be sampler run folders instead of npz files (their shards give the labels and
+the activations stored while sampling; see evaluator.py).
+
 Prints both sets' metrics with their bootstrap std, the deltas B - A with 95 % intervals
 (delta +- 1.96 std) and two-sided p-values (normal approximation), and one verdict per metric.
 Activations come from the evaluator's caches next to each file. Errors exit 2 with one line.

@@ -22,7 +22,6 @@ from omegaconf.nodes import BooleanNode, FloatNode, IntegerNode, StringNode
 
 from ..errors import ConfigError
 from ..guidance import Guidance
-from ..shards import IMAGE_MODES
 from . import registry
 from .registry import ModelFamily
 
@@ -394,6 +393,7 @@ def validate(config: DictConfig) -> None:
     if s.num_fid_samples > MAX_SAMPLES:
         raise ConfigError(f"sample.num_fid_samples={s.num_fid_samples} is more than this sampler takes "
                           f"({MAX_SAMPLES:,} at most; ADM results use 50,000): check the number")
+    from ..shards import IMAGE_MODES  # numpy: not at import (softcfg-download reads this module)
     for name, choices in (("precision", PRECISIONS), ("device", DEVICES), ("labels", LABELS),
                           ("images", IMAGE_MODES)):
         if s[name] not in choices:
