@@ -13,6 +13,10 @@
 3. Inception feature extraction images/s (fp32, TF32 off).
 4. Fraction of the memory-bandwidth roofline: (weight bytes + KV bytes read) per step /
    step time / the peak bandwidth of a quick device copy.
+5. One whole sampling run end to end (runner.main in this process, bench_pipeline.py's
+   `none` route): AliTok-XL size with random weights, 250 images at batch 125 (--tiny: the
+   tiny golden AliTok, 4 images; CPU: 4), sample.images=none with evaluation while sampling
+   (seeded random Inception, random reference): images/s and each stage's share of the run.
 Writes <out>/gpu_check.json and <out>/gpu_check.md (a table for the README).
 """
 from __future__ import annotations
@@ -35,6 +39,9 @@ import softcfg_patch as sp  # noqa: E402
 from softcfg_patch.guidance import method  # noqa: E402
 from softcfg_patch.precision import store_linear_weights, tf32  # noqa: E402
 from softcfg_patch.run import registry  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_pipeline  # noqa: E402
 
 FIXTURES = ROOT / "tests" / "fixtures"
 CFG = sp.Guidance(guidance_scale=9.0, guidance_scale_pow=1.5)
@@ -170,6 +177,26 @@ def inception_speed(device: torch.device, tiny: bool) -> dict:
     return {"batch": batch, "images_per_s": batch / seconds}
 
 
+def pipeline_speed(device: torch.device, tiny: bool, num_images: int | None = None) -> dict:
+    """Section 5: a whole run, sample.images=none + evaluation while sampling (bench_pipeline)."""
+    size = "tiny" if tiny else "alitok_xl"
+    n = num_images or (250 if device.type == "cuda" and not tiny else bench_pipeline.MIN_IMAGES)
+    batch = min(n, 2 if tiny else 125)
+    measured = bench_pipeline.measure(size, n, batch, str(device), routes=("none",))
+    route = measured["routes"]["none"]
+    return {"model": size, "route": "sample.images=none + evaluation", "num_images": n, "batch": batch,
+            "images_per_s": route["images_per_s"], "run_s": route["run_s"], "wall_s": route["wall_s"],
+            "setup_s": measured["setup_s"], "seconds": route["seconds"], "shares": route["shares"],
+            "bytes_per_image": route["bytes_per_image"]["total"]}
+
+
+def pipeline_line(p: dict) -> str:
+    shares = ", ".join(f"{stage} {100 * share:.1f} %" for stage, share in p["shares"].items())
+    return (f"End to end ({p['model']}, {p['num_images']} images, batch {p['batch']}, {p['route']}): "
+            f"{p['images_per_s']:.2f} images/s over {p['run_s']:.1f} s (models built in {p['setup_s']:.1f} s "
+            f"before); shares: {shares}")
+
+
 def markdown(result: dict) -> str:
     lines = [f"Device: {result['device_name']} (torch {result['torch']}); "
              f"copy bandwidth {result['copy_gb_s']:.0f} GB/s", "",
@@ -181,7 +208,8 @@ def markdown(result: dict) -> str:
     lines += ["", f"Inception (fp32, TF32 off): {result['inception']['images_per_s']:.1f} images/s",
               "Logits parity vs CPU golden: " + ", ".join(
                   f"{k} max |diff| {v['max_abs_diff']:.1e} ({'ok' if v['ok'] else 'FAIL'})"
-                  for k, v in result["logits"].items())]
+                  for k, v in result["logits"].items()),
+              pipeline_line(result["pipeline"])]
     return "\n".join(lines) + "\n"
 
 
@@ -190,8 +218,12 @@ def main() -> int:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="tiny golden models, batch 2, no compiling")
     parser.add_argument("--compile-cfg", action="store_true", help="also compile the CFG graph")
+    parser.add_argument("--pipeline-images", type=int, default=None,
+                        help="images of the end-to-end run (default 250 on GPU, 4 with --tiny or on CPU)")
     parser.add_argument("--out", default="gpu_check_out", help="folder for gpu_check.json / .md")
     args = parser.parse_args()
+    if args.pipeline_images is not None and args.pipeline_images < bench_pipeline.MIN_IMAGES:
+        parser.error(f"--pipeline-images must be at least {bench_pipeline.MIN_IMAGES} (the metrics need them)")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but no CUDA device is visible; use --device cpu --tiny", file=sys.stderr)
@@ -207,6 +239,8 @@ def main() -> int:
         for r in result["sampler"]:
             r["roofline"] = r["bytes_per_step"] / r["step_s"] / (result["copy_gb_s"] * 1e9)
         result["inception"] = inception_speed(device, args.tiny)
+    print("end-to-end run (sample.images=none + evaluation) ...", flush=True)
+    result["pipeline"] = pipeline_speed(device, args.tiny, args.pipeline_images)  # the runner sets its own TF32
     result["seconds"] = time.time() - started
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
