@@ -276,7 +276,7 @@ def test_an_interrupt_says_how_far_the_run_got_and_a_rerun_resumes(tmp_path, sig
     out = tmp_path / "stop"
     args = ("--sample.num_fid_samples=40",)
     proc = start(out, *args)
-    wait_for(out / "000001.png", proc)  # the last file of batch 0
+    wait_for(out / "shards" / "batch_000000.npz", proc)  # the last file of batch 0
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == code, err
